@@ -1,0 +1,264 @@
+"""Benchmark: the dispatcher against nginx over the same two demo instances.
+
+Starts two demo instances (production.ini), the dispatcher in front of them
+and, when installed, nginx in front of the same two; then drives each with
+wrk (or, without wrk, a small threaded Python client) in interleaved rounds
+and prints requests/s, p50 and p99 latency, the dispatcher/nginx ratio and
+the dispatcher's CPU time per proxied request.
+
+    .venv/bin/python bench/dispatcher.py [--rounds 3] [--duration 5]
+
+Linux only (CPU time is read from /proc). Nothing here is a test: the
+numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+VIEWS = {"hello": "/hello", "1ms-cpu": "/cpu?ms=1"}
+
+NGINX_CONF = """
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+daemon off;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    upstream instances {{
+        server 127.0.0.1:{a};
+        server 127.0.0.1:{b};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://instances;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }}
+    }}
+}}
+"""
+
+DISPATCHER_INI = """
+[app:dispatcher]
+use = egg:pyramid_lb#dispatcher
+backends = http://127.0.0.1:{a} http://127.0.0.1:{b}
+
+[server:dispatcher]
+use = egg:waitress#main
+listen = 127.0.0.1:{port}
+threads = {threads}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, duration: float, connections: int) -> tuple[float, float, float]:
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        print(f"    ! {url}: {errors.group(0)}")
+
+    def percentile(label: str) -> float:
+        value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return rate, percentile("50"), percentile("99")
+
+
+def run_python(
+    url: str, duration: float, connections: int
+) -> tuple[float, float, float]:
+    """A stand-in for wrk: keep-alive clients in threads (slower, but works)."""
+    host, _, rest = url.removeprefix("http://").partition("/")
+    address, port = host.split(":")
+    latencies: list[float] = []
+    stop = time.monotonic() + duration
+
+    def client():
+        conn = http.client.HTTPConnection(address, int(port))
+        mine = []
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            conn.request("GET", "/" + rest)
+            conn.getresponse().read()
+            mine.append((time.perf_counter() - started) * 1000)
+        latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    latencies.sort()
+    return (
+        len(latencies) / duration,
+        latencies[len(latencies) // 2],
+        latencies[int(len(latencies) * 0.99)],
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=16, help="dispatcher threads")
+    args = parser.parse_args()
+
+    load = run_wrk if shutil.which("wrk") else run_python
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="pyramid_lb-bench-"))
+    procs: list[subprocess.Popen] = []
+
+    def start(argv, name):
+        log = open(tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        a, b = free_port(), free_port()
+        for port in (a, b):
+            start([BIN / "pserve", ROOT / "production.ini", f"http_port={port}"], port)
+        targets = {"direct": a}
+        dispatcher_port = free_port()
+        ini = tmp / "dispatcher.ini"
+        ini.write_text(
+            DISPATCHER_INI.format(a=a, b=b, port=dispatcher_port, threads=args.threads)
+        )
+        dispatcher = start(
+            [BIN / "pserve", f"{ini}#dispatcher", "--server-name", "dispatcher"],
+            "dispatcher",
+        )
+        targets["dispatcher"] = dispatcher_port
+        if nginx:
+            nginx_port = free_port()
+            conf = tmp / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(tmp=tmp, a=a, b=b, port=nginx_port))
+            start([nginx, "-c", conf, "-p", tmp], "nginx")
+            targets["nginx"] = nginx_port
+        else:
+            print("nginx is not installed: no nginx figures, no ratio")
+        for port in targets.values():
+            wait_for_port(port)
+        time.sleep(3)  # production.ini's demo warms up for 2 s
+        print(
+            f"load: {load.__name__.removeprefix('run_')}, {args.connections} "
+            f"connections, {args.rounds} rounds of {args.duration:g}s, "
+            f"dispatcher threads={args.threads}, {os.cpu_count()} CPUs"
+        )
+        for view, path in VIEWS.items():
+            results: dict[str, list[tuple[float, float, float]]] = {
+                t: [] for t in targets
+            }
+            cpu_per_request: list[float] = []
+            load(f"http://127.0.0.1:{dispatcher_port}{path}", 1.0, args.connections)
+            for _ in range(args.rounds):
+                for target, port in targets.items():
+                    before = cpu_seconds(dispatcher.pid)
+                    outcome = load(
+                        f"http://127.0.0.1:{port}{path}",
+                        args.duration,
+                        args.connections,
+                    )
+                    results[target].append(outcome)
+                    if target == "dispatcher":
+                        used = cpu_seconds(dispatcher.pid) - before
+                        cpu_per_request.append(
+                            used / (outcome[0] * args.duration) * 1e6
+                        )
+            print(f"\n{view} ({path})")
+            print(f"  {'target':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+            medians = {}
+            for target, runs in results.items():
+                rate, p50, p99 = (
+                    statistics.median(r[i] for r in runs) for i in range(3)
+                )
+                medians[target] = rate
+                print(f"  {target:<11} {rate:8.0f} {p50:8.2f} {p99:8.2f}")
+            if "nginx" in medians:
+                ratios = [
+                    d[0] / n[0]
+                    for d, n in zip(
+                        results["dispatcher"], results["nginx"], strict=True
+                    )
+                ]
+                print(
+                    f"  dispatcher/nginx: {statistics.median(ratios):.2f}x "
+                    f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
+                )
+            print(
+                "  dispatcher CPU per request: "
+                f"{statistics.median(cpu_per_request):.0f} µs"
+            )
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""The demo's views: who served this request, and a few load-test targets."""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+
+from pyramid.httpexceptions import HTTPBadRequest
+from pyramid.response import Response
+from pyramid.view import view_config
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>pyramid_lb demo</title>
+<style>
+ body {{ font: 16px/1.5 system-ui, sans-serif; margin: 2rem auto; max-width: 40rem; }}
+ th {{ text-align: left; padding-right: 1.5rem; }}
+ code {{ background: #f3f3f3; padding: 0 .25rem; }}
+</style></head>
+<body>
+<h1>Served by instance <code id="instance">{instance}</code></h1>
+<table>
+{rows}
+</table>
+<p>Reload the page: behind the dispatcher each request may land on another
+instance, while the session counter keeps counting.</p>
+</body>
+</html>
+"""
+
+
+def who(request) -> dict:
+    """What the app knows about this request; bumps the session counter."""
+    session = request.session
+    session["visits"] = session.get("visits", 0) + 1
+    return {
+        "instance": request.lb_instance,
+        "pid": os.getpid(),
+        "client_addr": request.client_addr,
+        "scheme": request.scheme,
+        "host_url": request.host_url,
+        "application_url": request.application_url,
+        "visits": session["visits"],
+    }
+
+
+@view_config(route_name="home", request_method=("GET", "HEAD"))
+def home(request):
+    facts = who(request)
+    rows = "\n".join(
+        f'<tr><th>{html.escape(name)}</th><td id="{name}">'
+        f"{html.escape(str(value))}</td></tr>"
+        for name, value in facts.items()
+    )
+    page = PAGE.format(instance=html.escape(facts["instance"]), rows=rows)
+    return Response(page, content_type="text/html", charset="utf-8")
+
+
+@view_config(route_name="whoami", renderer="json", request_method=("GET", "HEAD"))
+def whoami(request):
+    return who(request)
+
+
+@view_config(route_name="hello")
+def hello(request):
+    return Response(b"Hello World!\n", content_type="text/plain", charset="utf-8")
+
+
+def _milliseconds(request, default: int, limit: int) -> int:
+    value = request.params.get("ms", str(default))
+    if not value.isdigit() or int(value) > limit:
+        raise HTTPBadRequest(f"ms must be an integer from 0 to {limit}")
+    return int(value)
+
+
+@view_config(route_name="slow")
+def slow(request):
+    """Sleep ``ms`` milliseconds (a slow backend, without using CPU)."""
+    delay = _milliseconds(request, 1000, 600_000)
+    time.sleep(delay / 1000)
+    return Response(
+        f"slept {delay} ms on {request.lb_instance}\n",
+        content_type="text/plain",
+        charset="utf-8",
+    )
+
+
+@view_config(route_name="cpu")
+def cpu(request):
+    """Spend ``ms`` milliseconds of CPU (an app that does real work)."""
+    budget = _milliseconds(request, 1, 10_000) / 1000
+    start = time.thread_time()
+    spins = 0
+    while time.thread_time() - start < budget:
+        spins += 1
+    return Response(
+        f"spun {spins} times on {request.lb_instance}\n",
+        content_type="text/plain",
+        charset="utf-8",
+    )

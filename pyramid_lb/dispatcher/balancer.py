@@ -1,0 +1,241 @@
+"""Balancing strategies: which instance takes the next request.
+
+Each strategy picks from the cluster's current candidates (up, not
+draining, not ejected) and skips the instances a retry already tried.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import math
+import random
+import threading
+from collections.abc import Sequence
+from http.cookies import SimpleCookie
+
+from pyramid_lb.dispatcher.cluster import Backend, Cluster
+
+STRATEGIES = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "p2c",
+    "hash",
+)
+
+
+def _untried(candidates: Sequence[Backend], tried) -> Sequence[Backend]:
+    return [b for b in candidates if b not in tried] if tried else candidates
+
+
+class RoundRobin:
+    """Each candidate in turn."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        # itertools.count is atomic under the GIL: no lock on the hot path
+        self._next = itertools.count().__next__
+
+    def choose(self, environ, tried=()) -> Backend | None:
+        candidates = _untried(self.cluster.candidates(), tried)
+        if not candidates:
+            return None
+        return candidates[self._next() % len(candidates)]
+
+
+class WeightedRoundRobin:
+    """Smooth weighted round robin (nginx's): weights spread out evenly.
+
+    With weights 5, 1, 1 the order is a a b a c a a, never a run of five.
+    """
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self._current: dict[Backend, int] = {}
+        self._lock = threading.Lock()
+
+    def choose(self, environ, tried=()) -> Backend | None:
+        candidates = _untried(self.cluster.candidates(), tried)
+        if not candidates:
+            return None
+        with self._lock:
+            current = self._current
+            total = 0
+            best = None
+            best_weight = 0
+            for backend in candidates:
+                weight = current.get(backend, 0) + backend.weight
+                current[backend] = weight
+                total += backend.weight
+                if best is None or weight > best_weight:
+                    best, best_weight = backend, weight
+            current[best] = best_weight - total
+            if len(current) > 2 * len(candidates) + 8:  # forget removed ones
+                alive = set(self.cluster.backends)
+                for backend in [b for b in current if b not in alive]:
+                    del current[backend]
+        return best
+
+
+class LeastConnections:
+    """The candidate with the fewest requests in flight; ties take turns."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self._next = itertools.count().__next__
+
+    def choose(self, environ, tried=()) -> Backend | None:
+        candidates = _untried(self.cluster.candidates(), tried)
+        count = len(candidates)
+        if not count:
+            return None
+        start = self._next() % count
+        best = None
+        for index in range(start, start + count):
+            backend = candidates[index % count]
+            if best is None or backend.in_flight < best.in_flight:
+                best = backend
+        return best
+
+
+class PowerOfTwoChoices:
+    """Two random candidates; the one with fewer requests in flight wins.
+
+    Nearly as good as least connections, without every request looking at
+    every instance, and without herding onto one that just became idle.
+    """
+
+    def __init__(self, cluster: Cluster, rng: random.Random | None = None):
+        self.cluster = cluster
+        self._random = rng or random.Random()
+
+    def choose(self, environ, tried=()) -> Backend | None:
+        candidates = _untried(self.cluster.candidates(), tried)
+        count = len(candidates)
+        if count < 2:
+            return candidates[0] if candidates else None
+        first, second = self._random.sample(candidates, 2)
+        return second if second.in_flight < first.in_flight else first
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def key_function(spec: str):
+    """The request key named by ``spec``: client, path, cookie:NAME, header:NAME."""
+    kind, _, name = spec.partition(":")
+    if kind == "client" and not name:
+        return lambda environ: environ.get("REMOTE_ADDR")
+    if kind == "path" and not name:
+        return lambda environ: environ.get("PATH_INFO")
+    if kind == "header" and name:
+        key = "HTTP_" + name.upper().replace("-", "_")
+        if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+            key = key[5:]
+        return lambda environ: environ.get(key)
+    if kind == "cookie" and name:
+
+        def cookie(environ):
+            header = environ.get("HTTP_COOKIE")
+            if not header or name not in header:
+                return None
+            try:
+                morsel = SimpleCookie(header).get(name)
+            except Exception:  # a malformed Cookie header: no key
+                return None
+            return morsel.value if morsel is not None else None
+
+        return cookie
+    raise ValueError(
+        f"{spec!r} is not a hash key; expected client, path, cookie:NAME or header:NAME"
+    )
+
+
+class ConsistentHash:
+    """Consistent hashing with bounded loads, on a key of the request.
+
+    Each instance owns ``points`` spots (times its weight) on a ring; a key
+    goes to the first instance clockwise from its hash, so adding or
+    removing an instance moves only about 1/N of the keys. An instance
+    already carrying more than ``balance`` times the average load is passed
+    over for the next one on the ring (Mirrokni, Thorup and Zadimoghaddam,
+    2016), so one hot key cannot swamp its instance. Requests without the
+    key are balanced round robin.
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        key: str = "client",
+        balance: float = 1.25,
+        points: int = 100,
+    ):
+        self.cluster = cluster
+        self.key = key_function(key)
+        self.balance = balance
+        self.points = points
+        self._version = -1
+        self._ring: tuple[list[int], list[Backend], int] = ([], [], 0)
+        self._fallback = RoundRobin(cluster)
+        self._lock = threading.Lock()
+
+    def _build(self) -> tuple[list[int], list[Backend], int]:
+        with self._lock:
+            if self._version != self.cluster.version:
+                spots = sorted(
+                    (
+                        (_hash64(f"{backend.name}#{i}".encode()), backend)
+                        for backend in list(self.cluster.backends)
+                        for i in range(self.points * max(backend.weight, 1))
+                    ),
+                    key=lambda spot: spot[0],
+                )
+                owners = [b for _, b in spots]
+                self._ring = ([h for h, _ in spots], owners, len(set(owners)))
+                self._version = self.cluster.version
+            return self._ring
+
+    def choose(self, environ, tried=()) -> Backend | None:
+        key = self.key(environ)
+        if key is None:
+            return self._fallback.choose(environ, tried)
+        candidates = _untried(self.cluster.candidates(), tried)
+        if not candidates:
+            return None
+        ring = self._ring if self._version == self.cluster.version else self._build()
+        hashes, owners, distinct = ring
+        allowed = set(candidates)
+        load = sum(b.in_flight for b in candidates) + 1
+        bound = math.ceil(self.balance * load / len(candidates))
+        size = len(owners)
+        start = bisect.bisect(hashes, _hash64(key.encode("utf-8", "surrogateescape")))
+        seen = set()
+        for step in range(size):
+            backend = owners[(start + step) % size]
+            if backend in seen:
+                continue
+            if backend in allowed and backend.in_flight < bound:
+                return backend
+            seen.add(backend)
+            if len(seen) == distinct:
+                break
+        # every candidate is at its bound: the least loaded one
+        return min(candidates, key=lambda b: b.in_flight)
+
+
+def make_strategy(name: str, cluster: Cluster, **options):
+    """The strategy called ``name`` (one of :data:`STRATEGIES`)."""
+    if name == "round_robin":
+        return RoundRobin(cluster)
+    if name == "weighted_round_robin":
+        return WeightedRoundRobin(cluster)
+    if name == "least_connections":
+        return LeastConnections(cluster)
+    if name == "p2c":
+        return PowerOfTwoChoices(cluster)
+    if name == "hash":
+        return ConsistentHash(cluster, **options)
+    raise ValueError(f"{name!r} is not a strategy; expected one of {STRATEGIES}")

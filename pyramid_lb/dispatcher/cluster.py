@@ -1,0 +1,214 @@
+"""The instances behind the dispatcher: their state, and which may take requests."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from pyramid_lb.dispatcher.upstream import Pool
+
+log = logging.getLogger("pyramid_lb.dispatcher")
+
+# States an instance goes through, as the dashboard shows them.
+STARTING = "starting"  # not yet passed enough health checks
+UP = "up"
+DRAINING = "draining"  # finishing its requests, takes no new ones
+DOWN = "down"  # failed its health checks
+FAILED = "failed"  # given up on (the supervisor stopped restarting it)
+
+
+def parse_backend_url(url: str) -> tuple[str, int]:
+    """``http://host:port`` as ``(host, port)``; ValueError says what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"{url!r}: only http:// instances can be proxied to")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ValueError(f"{url!r}: the port is not a number from 1 to 65535") from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"{url!r}: expected http://host:port with no path")
+    return parts.hostname, port
+
+
+class Backend:
+    """One instance: where it is, how it is doing, and its connections."""
+
+    def __init__(
+        self,
+        url: str,
+        name: str | None = None,
+        weight: int = 1,
+        state: str = UP,
+        **pool_options,
+    ):
+        self.url = url.rstrip("/")
+        self.host, self.port = parse_backend_url(url)
+        self.name = name or f"{self.host}:{self.port}"
+        self.weight = weight
+        self.pool = Pool(self.host, self.port, **pool_options)
+        self.state = state
+        #: Set by the admin or supervisor: no new requests, even if healthy.
+        self.held = False
+        self.in_flight = 0
+        self.requests = 0
+        self.errors = 0
+        self.retries = 0
+        # passive health (outlier detection)
+        self.failures = 0  # consecutive
+        self.ejections = 0  # in a row: each one lasts longer
+        self.ejected_until = 0.0
+        # active health
+        self.passes = 0  # consecutive
+        self.fails = 0  # consecutive
+        self.last_check = None
+        self._lock = threading.Lock()
+
+    def started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.requests += 1
+
+    def finished(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until > time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name} {self.url} {self.state}>"
+
+
+class Cluster:
+    """The set of backends and the subset that may take new requests.
+
+    Requests read :meth:`candidates` (a tuple, recomputed only when some
+    state changed); health checks, passive ejection, the supervisor and the
+    admin change states through the methods here.
+    """
+
+    def __init__(
+        self,
+        backends: Iterable[Backend] = (),
+        eject_after: int = 3,
+        eject_time: float = 5.0,
+        max_eject_time: float = 300.0,
+    ):
+        self.backends: list[Backend] = list(backends)
+        self.eject_after = eject_after
+        self.eject_time = eject_time
+        self.max_eject_time = max_eject_time
+        self._lock = threading.RLock()
+        self._candidates: tuple[Backend, ...] = ()
+        self._recheck_at = 0.0  # when an ejection ends
+        self._stale = True
+        self.panic = False
+        #: Bumped on membership changes (consistent hashing rebuilds its ring).
+        self.version = 0
+
+    # -- membership -----------------------------------------------------------
+
+    def add(self, backend: Backend) -> None:
+        with self._lock:
+            self.backends.append(backend)
+            self.version += 1
+            self._stale = True
+
+    def remove(self, backend: Backend) -> None:
+        with self._lock:
+            self.backends.remove(backend)
+            self.version += 1
+            self._stale = True
+        backend.pool.clear()
+
+    def get(self, name: str) -> Backend | None:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        return None
+
+    # -- who takes requests ---------------------------------------------------
+
+    def candidates(self) -> tuple[Backend, ...]:
+        """Backends that may take a new request, best effort when all look bad."""
+        if self._stale or time.monotonic() >= self._recheck_at:
+            self._recompute()
+        return self._candidates
+
+    def _recompute(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            serving = [b for b in self.backends if b.state == UP and not b.held]
+            healthy = [b for b in serving if b.ejected_until <= now]
+            panic = bool(serving) and not healthy
+            if panic != self.panic:
+                self.panic = panic
+                if panic:
+                    log.warning(
+                        "every instance is ejected after failures; trying them all "
+                        "anyway (panic mode)"
+                    )
+                else:
+                    log.info("panic mode over: some instances are healthy again")
+            self._candidates = tuple(serving if panic else healthy)
+            ejected_until = [b.ejected_until for b in serving if b.ejected_until > now]
+            self._recheck_at = min(ejected_until, default=float("inf"))
+            self._stale = False
+
+    def changed(self) -> None:
+        """Some backend's state changed: recompute the candidates."""
+        self._stale = True
+
+    def set_state(self, backend: Backend, state: str, reason: str = "") -> None:
+        if backend.state != state:
+            log.info(
+                "instance %s: %s -> %s%s",
+                backend.name,
+                backend.state,
+                state,
+                f" ({reason})" if reason else "",
+            )
+            backend.state = state
+            if state in (DOWN, FAILED):
+                backend.pool.clear()
+            self._stale = True
+
+    def hold(self, backend: Backend, held: bool = True) -> None:
+        """Stop (or resume) sending new requests to ``backend``."""
+        backend.held = held
+        self._stale = True
+
+    # -- passive health -------------------------------------------------------
+
+    def succeeded(self, backend: Backend) -> None:
+        if backend.failures:
+            backend.failures = 0
+
+    def failed(self, backend: Backend, reason: str) -> None:
+        """Count a connection failure or 5xx; eject after too many in a row."""
+        with self._lock:
+            backend.failures += 1
+            backend.errors += 1
+            if backend.failures < self.eject_after or backend.ejected:
+                return
+            now = time.monotonic()
+            if now - backend.ejected_until > self.max_eject_time:
+                backend.ejections = 0  # well behaved for long: start over
+            backend.ejections += 1
+            cooldown = min(self.eject_time * backend.ejections, self.max_eject_time)
+            backend.ejected_until = now + cooldown
+            backend.failures = 0
+            backend.pool.clear()
+            self._stale = True
+        log.warning(
+            "instance %s ejected for %gs after %d failures in a row (last: %s)",
+            backend.name,
+            cooldown,
+            self.eject_after,
+            reason,
+        )

@@ -1,0 +1,383 @@
+"""The reverse proxy: a WSGI app that forwards each request to an instance.
+
+It strips hop-by-hop headers both ways, adds the forwarded headers, Via and
+X-Request-ID, streams response bodies, and retries on another instance only
+when that cannot run a request twice. Imports neither Pyramid nor waitress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from http import HTTPStatus
+from random import getrandbits
+from urllib.parse import quote
+
+from pyramid_lb.dispatcher.cluster import Backend, Cluster
+from pyramid_lb.dispatcher.upstream import (
+    NO_BODY,
+    Body,
+    ReadTimeout,
+    Response,
+    UpstreamError,
+    exchange,
+)
+
+log = logging.getLogger("pyramid_lb.dispatcher")
+
+#: RFC 9110 section 9.2.2.
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+
+# Request headers never forwarded as they came: hop-by-hop ones (RFC 9110
+# section 7.6.1), Expect (waitress already answered 100-continue), Proxy
+# (httpoxy), and those the proxy writes itself.
+_DROPPED = frozenset(
+    (
+        "HTTP_CONNECTION",
+        "HTTP_KEEP_ALIVE",
+        "HTTP_TE",
+        "HTTP_TRAILER",
+        "HTTP_TRANSFER_ENCODING",
+        "HTTP_UPGRADE",
+        "HTTP_EXPECT",
+        "HTTP_PROXY",
+        "HTTP_HOST",
+        "HTTP_X_FORWARDED_FOR",
+        "HTTP_X_FORWARDED_PROTO",
+        "HTTP_X_FORWARDED_HOST",
+        "HTTP_X_FORWARDED_PORT",
+        "HTTP_FORWARDED",
+        "HTTP_VIA",
+        "HTTP_X_REQUEST_ID",
+    )
+)
+# environ key -> header name, or None when it is not forwarded; bounded
+# so that a client inventing header names cannot grow it forever.
+_names: dict[str, str | None] = {}
+
+
+def _header_name(key: str) -> str | None:
+    name = _names.get(key, False)
+    if name is not False:
+        return name
+    if key[:5] != "HTTP_" or key in _DROPPED or key.startswith("HTTP_PROXY_"):
+        name = None
+    else:
+        name = key[5:].replace("_", "-").title()
+    if len(_names) < 2048:
+        _names[key] = name
+    return name
+
+
+def _connection_tokens(value: str) -> set[str]:
+    return {
+        "HTTP_" + token.strip().upper().replace("-", "_")
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def _forwarded_node(addr: str) -> str:
+    if ":" in addr:  # IPv6 must be bracketed and quoted (RFC 7239 section 6)
+        return f'"[{addr}]"'
+    return addr or "unknown"
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _quote_value(value: str) -> str:
+    """A Forwarded parameter value: a token, or else a quoted string."""
+    if _TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class RetryBudget:
+    """Retries allowed as a share of recent requests, plus a small floor.
+
+    Counts per second over a sliding window. Counting is not locked: a lost
+    increment under contention only nudges the budget, which is a guide.
+    """
+
+    def __init__(self, ratio: float = 0.2, floor: int = 10, window: int = 10):
+        self.ratio = ratio
+        self.floor = floor
+        self.window = window
+        self._second = [0] * window
+        self._requests = [0] * window
+        self._retries = [0] * window
+
+    def _slot(self) -> int:
+        now = int(time.monotonic())
+        slot = now % self.window
+        if self._second[slot] != now:
+            self._second[slot] = now
+            self._requests[slot] = self._retries[slot] = 0
+        return slot
+
+    def request(self) -> None:
+        self._requests[self._slot()] += 1
+
+    def try_spend(self) -> bool:
+        """Whether one more retry is allowed now; counts it if so."""
+        slot = self._slot()
+        now = self._second[slot]
+        live = [i for i in range(self.window) if now - self._second[i] < self.window]
+        requests = sum(self._requests[i] for i in live)
+        retries = sum(self._retries[i] for i in live)
+        if retries >= max(self.floor, self.ratio * requests):
+            return False
+        self._retries[slot] += 1
+        return True
+
+
+def error_response(start_response, status: int, message: str, headers=()):
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {message}\n".encode()
+    start_response(
+        f"{status} {phrase}",
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            *headers,
+        ],
+    )
+    return [body]
+
+
+class Proxy:
+    """A WSGI app forwarding every request to an instance of ``cluster``."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        strategy,
+        retries: int = 2,
+        retry_budget: RetryBudget | None = None,
+        max_body_size: int = 1 << 30,
+        name: str | None = None,
+        retry_after: int = 1,
+    ):
+        self.cluster = cluster
+        self.strategy = strategy
+        self.retries = retries
+        self.budget = retry_budget or RetryBudget()
+        self.max_body_size = max_body_size
+        self.retry_after = str(retry_after)
+        # The Via pseudonym: a request arriving with it already passed here.
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.via = f"1.1 {self.name} (pyramid_lb)"
+
+    # -- the request ----------------------------------------------------------
+
+    def request_head(self, environ, request_id: str) -> bytes:
+        """The request line and headers as the instance should see them."""
+        get = environ.get
+        uri = get("REQUEST_URI")
+        if not uri:
+            uri = quote(get("SCRIPT_NAME", "") + get("PATH_INFO", ""))
+            if get("QUERY_STRING"):
+                uri += "?" + environ["QUERY_STRING"]
+        scheme = environ["wsgi.url_scheme"]
+        port = get("SERVER_PORT", "")
+        host = get("HTTP_HOST")
+        if not host:
+            host = get("SERVER_NAME", "")
+            if port and port != ("443" if scheme == "https" else "80"):
+                host = f"{host}:{port}"
+        client = get("REMOTE_ADDR", "")
+        lines = [f"{environ['REQUEST_METHOD']} {uri} HTTP/1.1\r\nHost: {host}"]
+        append = lines.append
+        hop_by_hop = get("HTTP_CONNECTION")
+        named = _connection_tokens(hop_by_hop) if hop_by_hop else ()
+        name_of = _header_name
+        for key, value in environ.items():
+            if key[:5] == "HTTP_":
+                name = name_of(key)
+                if name is not None and key not in named:
+                    append(f"{name}: {value}")
+        content_type = get("CONTENT_TYPE")
+        if content_type:
+            append(f"Content-Type: {content_type}")
+        forwarded_for = get("HTTP_X_FORWARDED_FOR")
+        if forwarded_for:
+            client_chain = f"{forwarded_for}, {client}"
+        else:
+            client_chain = client
+        element = (
+            f"for={_forwarded_node(client)};proto={scheme};host={_quote_value(host)}"
+        )
+        forwarded = get("HTTP_FORWARDED")
+        if forwarded:
+            element = f"{forwarded}, {element}"
+        via = get("HTTP_VIA")
+        append(
+            f"X-Forwarded-For: {client_chain}\r\n"
+            f"X-Forwarded-Proto: {scheme}\r\n"
+            f"X-Forwarded-Host: {host}\r\n"
+            f"X-Forwarded-Port: {port}\r\n"
+            f"Forwarded: {element}\r\n"
+            f"Via: {f'{via}, {self.via}' if via else self.via}\r\n"
+            f"X-Request-ID: {request_id}\r\n"
+        )
+        return "\r\n".join(lines).encode("latin-1")
+
+    def __call__(self, environ, start_response):
+        request_id = environ.get("HTTP_X_REQUEST_ID")
+        if not request_id or len(request_id) > 200 or not request_id.isprintable():
+            # Unique, not secret: no system call (os.urandom makes one).
+            request_id = f"{getrandbits(128):032x}"
+        via = environ.get("HTTP_VIA")
+        if via and self.name in via:
+            log.warning("request %s came back to this dispatcher: a loop", request_id)
+            return error_response(
+                start_response, 508, "this request went round in a loop"
+            )
+        length = environ.get("CONTENT_LENGTH")
+        try:
+            length = int(length) if length else 0
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            return error_response(start_response, 400, "invalid Content-Length")
+        if length > self.max_body_size:
+            return error_response(
+                start_response,
+                413,
+                f"the request body is larger than {self.max_body_size} bytes",
+            )
+        try:
+            body = Body(environ["wsgi.input"], length) if length else NO_BODY
+        except ValueError as exc:
+            return error_response(start_response, 400, str(exc))
+        head = self.request_head(environ, request_id)
+        if length or environ["REQUEST_METHOD"] in ("POST", "PUT", "PATCH"):
+            head += b"Content-Length: %d\r\n" % length
+        head += b"\r\n"
+        return self.forward(environ, start_response, head, body, request_id)
+
+    # -- forwarding and retries -----------------------------------------------
+
+    def forward(self, environ, start_response, head, body, request_id):
+        method = environ["REQUEST_METHOD"]
+        idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
+        head_only = method == "HEAD"
+        cluster, choose = self.cluster, self.strategy.choose
+        self.budget.request()
+        tried: list[Backend] = []
+        error: UpstreamError | None = None
+        reached = False  # whether any instance could be connected to
+        while True:
+            backend = choose(environ, tried)
+            if backend is None:
+                break
+            if tried:
+                backend.retries += 1
+            tried.append(backend)
+            backend.started()
+            response = None
+            try:
+                response = exchange(backend.pool, head, body, head_only, idempotent)
+                small = response.read_small()
+            except UpstreamError as exc:
+                if response is not None:
+                    response.close()
+                backend.finished()
+                error = exc
+                reached = reached or exc.sent
+                if not isinstance(exc, ReadTimeout):
+                    cluster.failed(backend, str(exc))
+                log.warning(
+                    "request %s %s %s to instance %s failed: %s",
+                    request_id,
+                    method,
+                    environ.get("PATH_INFO", ""),
+                    backend.name,
+                    exc,
+                )
+                if (
+                    isinstance(exc, ReadTimeout)
+                    or exc.received
+                    or (exc.sent and not idempotent)
+                    or len(tried) > self.retries
+                    or not body.rewind()
+                    or not self.budget.try_spend()
+                ):
+                    break
+                continue
+            except BaseException:
+                if response is not None:
+                    response.close()
+                backend.finished()
+                raise
+            return self.respond(start_response, backend, response, small, request_id)
+        if error is None or not reached:
+            return error_response(
+                start_response,
+                503,
+                "no instance is available to take the request",
+                [("Retry-After", self.retry_after)],
+            )
+        return error_response(start_response, error.status, str(error))
+
+    # -- the response ---------------------------------------------------------
+
+    def respond(
+        self,
+        start_response,
+        backend: Backend,
+        response: Response,
+        small: bytes | None,
+        request_id: str,
+    ):
+        status = response.status
+        if status >= 500:
+            self.cluster.failed(backend, f"answered {status}")
+        else:
+            self.cluster.succeeded(backend)
+        headers = response.headers
+        headers.append(("Via", self.via))
+        if response.request_id is None:
+            headers.append(("X-Request-ID", request_id))
+        reason = response.reason.decode("latin-1")
+        if not reason:
+            try:
+                reason = HTTPStatus(status).phrase
+            except ValueError:
+                reason = "Unknown"
+        start_response(f"{status} {reason}", headers)
+        if small is None:
+            small = response.take_buffered()
+            if not response.complete:
+                return _stream(backend, response, small, request_id)
+        response.release()
+        backend.finished()
+        return [small] if small else []
+
+
+def _stream(
+    backend: Backend, response: Response, first: bytes, request_id: str
+) -> Iterator[bytes]:
+    """The response body as it arrives; the connection is released at the end."""
+    try:
+        if first:
+            yield first
+        try:
+            yield from response.stream()
+        except UpstreamError as exc:
+            log.warning(
+                "request %s: instance %s failed mid-response: %s",
+                request_id,
+                backend.name,
+                exc,
+            )
+            raise
+    finally:
+        response.release()
+        backend.finished()

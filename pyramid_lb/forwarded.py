@@ -1,0 +1,542 @@
+"""Apply RFC 7239 Forwarded or X-Forwarded-* headers from trusted proxies.
+
+Use this when the app runs behind proxies you control (the dispatcher,
+nginx, HAProxy, a cloud balancer): the client's address, scheme, host and
+path prefix then reach the app as ``REMOTE_ADDR``, ``wsgi.url_scheme``,
+``HTTP_HOST``/``SERVER_NAME``/``SERVER_PORT`` and ``SCRIPT_NAME``.
+
+Security: these headers are plain request headers that anyone can send. They
+are applied only when the peer (``REMOTE_ADDR``) is in ``trusted_proxies``,
+and only as many hops as ``trusted_proxy_count`` says. Trust a peer only if
+it overwrites or appends to every header you list in ``trusted_headers``;
+trust more hops than there are proxies and clients can pick their address.
+By default (``clear_untrusted``) every such header that is not applied is
+removed, so code further down cannot read a forged value by mistake.
+
+Choices where the headers say little:
+
+- ``REMOTE_PORT`` is the forwarded port when the client's entry has one, and
+  is removed otherwise: the peer's port belonged to the proxy's connection.
+- With ``auto``, the other headers are read at the same hop as the client
+  found in X-Forwarded-For (or Forwarded ``for``); without one, at hop 1.
+- ``SCRIPT_NAME`` becomes the forwarded prefix followed by the current one.
+- ``SERVER_NAME`` keeps the brackets of an IPv6 host, so that URLs rebuilt
+  from it as in PEP 3333 stay valid.
+- When a scheme or port is forwarded without a host, the client's ``Host``
+  (else ``SERVER_NAME``) is kept and its port worked out again: the scheme's
+  default if it has none. A ``Host`` that does not parse is then a 400.
+- Only the trusted part of a header is validated (and kept); what a client
+  wrote further left is neither trusted nor an error.
+
+Every environ key changed or removed has its previous value (None if it was
+absent) in the dict ``environ["pyramid_lb.forwarded.original"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+from pyramid.config import Configurator
+from pyramid.exceptions import ConfigurationError
+from pyramid.response import Response
+from pyramid.tweens import INGRESS
+
+from pyramid_lb.addresses import AddressSet, parse_ip
+from pyramid_lb.settings import (
+    ADDON_PREFIX,
+    FORWARDED_SETTINGS,
+    SettingsError,
+    check_forwarded,
+    header_names,
+    parse,
+)
+
+log = logging.getLogger(__name__)
+
+#: The environ key holding the values this module changed or removed.
+ORIGINAL_KEY = "pyramid_lb.forwarded.original"
+
+TWEEN = "pyramid_lb.forwarded.forwarded_tween_factory"
+
+DEFAULT_HEADERS = header_names(
+    next(s.default for s in FORWARDED_SETTINGS if s.name == "trusted_headers")
+)
+
+_FORWARDED = "HTTP_FORWARDED"
+_FOR = "HTTP_X_FORWARDED_FOR"
+_PROTO = "HTTP_X_FORWARDED_PROTO"
+_HOST = "HTTP_X_FORWARDED_HOST"
+_PORT = "HTTP_X_FORWARDED_PORT"
+_PREFIX = "HTTP_X_FORWARDED_PREFIX"
+_BY = "HTTP_X_FORWARDED_BY"
+
+# environ key -> the header's name as users know it
+_NAMES = {
+    _FORWARDED: "Forwarded",
+    _FOR: "X-Forwarded-For",
+    _PROTO: "X-Forwarded-Proto",
+    _HOST: "X-Forwarded-Host",
+    _PORT: "X-Forwarded-Port",
+    _PREFIX: "X-Forwarded-Prefix",
+    _BY: "X-Forwarded-By",
+}
+_KEYS = tuple(_NAMES)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_PAIR = re.compile(rf"[ \t]*({_TOKEN})=({_TOKEN}|{_QUOTED})[ \t]*")
+_OWS = re.compile(r"[ \t]*")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+_OBFUSCATED = re.compile(r"_[\w.-]+", re.A)
+_REG_NAME = re.compile(r"(?:[\w.~!$&'()*+;=-]|%[0-9A-Fa-f]{2})+", re.A)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class MalformedHeader(ValueError):
+    """A trusted header's value cannot be applied; the request gets a 400."""
+
+    def __init__(self, header: str, reason: str):
+        super().__init__(f"{header}: {reason}")
+        self.header = header
+        self.reason = reason
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A bounded, harmless excerpt of a client's value for messages and logs."""
+    clean = "".join(
+        c if " " <= c <= "~" and c not in "\"\\<>&'" else "?" for c in value[:limit]
+    )
+    return f'"{clean}..."' if len(value) > limit else f'"{clean}"'
+
+
+# -- values -------------------------------------------------------------------
+#
+# Each returns the normalised value, or None when it is not valid.
+
+
+def _port(text: str) -> str | None:
+    if 0 < len(text) <= 5 and text.isascii() and text.isdigit():
+        number = int(text)
+        if 0 < number < 65536:
+            return str(number)
+    return None
+
+
+def _proto(text: str) -> str | None:
+    text = text.lower()
+    return text if text in _DEFAULT_PORTS else None
+
+
+def _ip(text: str) -> bool:
+    # a zone id (fe80::1%eth0) means nothing outside the proxy's host
+    return "%" not in text and parse_ip(text) is not None
+
+
+def _host(text: str) -> tuple[str, str | None] | None:
+    """``(name, port or None)`` of a reg-name, IPv4 or ``[IPv6]`` host."""
+    if text.startswith("["):
+        end = text.find("]") + 1
+        name, rest = text[:end], text[end:]
+        if not end or ":" not in name or not _ip(name[1:-1]):
+            return None
+    else:
+        name, colon, port = text.partition(":")
+        rest = colon + port
+        if not _REG_NAME.fullmatch(name):
+            return None
+    if not rest:
+        return name, None
+    port = _port(rest[1:])
+    return (name, port) if port and rest[0] == ":" else None
+
+
+def _prefix(text: str) -> str | None:
+    if (
+        text.startswith("/")
+        and "//" not in text
+        and "\\" not in text
+        and ".." not in text.split("/")
+        and not _CONTROL.search(text)
+    ):
+        return text.rstrip("/")
+    return None
+
+
+def _node(text: str, rfc7239: bool = False) -> tuple[str | None, str | None] | None:
+    """``(address, port)`` of an X-Forwarded-For value or a Forwarded ``for``.
+
+    Forwarded's ``unknown`` and obfuscated names give no address, and an
+    obfuscated port gives no port. Only X-Forwarded-For takes bare IPv6.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        address, rest = text[1:end], text[end + 1 :]
+        if end < 0 or ":" not in address or not _ip(address):
+            return None
+    elif not rfc7239 and text.count(":") > 1:
+        return (text, None) if _ip(text) else None
+    else:
+        address, colon, port = text.partition(":")
+        rest = colon + port
+        if rfc7239 and (address.lower() == "unknown" or _OBFUSCATED.fullmatch(address)):
+            address = None
+        elif not _ip(address):
+            return None
+    if not rest:
+        return address, None
+    if rest[0] != ":":
+        return None
+    if rfc7239 and _OBFUSCATED.fullmatch(rest[1:]):
+        return address, None
+    port = _port(rest[1:])
+    return (address, port) if port else None
+
+
+def _split(value: str | None) -> list[str]:
+    # a blank header says nothing, so it counts as absent
+    if not value or value.isspace():
+        return []
+    return [item.strip(" \t") for item in value.split(",")]
+
+
+def parse_forwarded(value: str) -> list[tuple[dict[str, str], str]]:
+    """The elements of an RFC 7239 header: ``(params, raw text)`` each.
+
+    Parameter names are lower-cased and quoted values unescaped; elements
+    without parameters are dropped. Raises :class:`MalformedHeader`.
+    """
+    elements = []
+    params: dict[str, str] = {}
+    start = pos = 0
+    while True:
+        match = _PAIR.match(value, pos)
+        if match:
+            name, token = match[1].lower(), match[2]
+            if name in params:
+                raise MalformedHeader(
+                    "Forwarded", f"parameter {_shown(name)} repeated in one element"
+                )
+            if token[0] == '"':
+                token = _QUOTED_PAIR.sub(r"\1", token[1:-1])
+            params[name] = token
+            pos = match.end()
+        else:
+            pos = _OWS.match(value, pos).end()
+        separator = value[pos : pos + 1]
+        if separator == ";":
+            pos += 1
+        elif separator in (",", ""):
+            if params:
+                elements.append((params, value[start:pos].strip(" \t")))
+            if not separator:
+                return elements
+            params = {}
+            start = pos = pos + 1
+        else:
+            raise MalformedHeader(
+                "Forwarded", f"malformed parameter at {_shown(value[pos:])}"
+            )
+
+
+def _checked(key: str, value: str, check: Callable[[str], Any], what: str) -> Any:
+    result = check(value)
+    if result is None:
+        raise MalformedHeader(_NAMES[key], f"{_shown(value)} is not {what}")
+    return result
+
+
+# -- the rewrite --------------------------------------------------------------
+
+
+class ProxyHeaders:
+    """Rewrites WSGI environs from the headers of trusted proxies.
+
+    Takes the settings of the same names, typed or as ini strings. Call
+    :meth:`rewrite` on each request.
+    """
+
+    def __init__(
+        self,
+        trusted_proxies: AddressSet | str | Iterable[str] = "",
+        trusted_proxy_count: int | str = 1,
+        trusted_headers: Iterable[str] | str = DEFAULT_HEADERS,
+        clear_untrusted: bool | str = True,
+    ):
+        given = {
+            "trusted_proxies": trusted_proxies,
+            "trusted_proxy_count": trusted_proxy_count,
+            "trusted_headers": trusted_headers,
+            "clear_untrusted": clear_untrusted,
+        }
+        values = parse(
+            FORWARDED_SETTINGS, {k: v for k, v in given.items() if v is not None}
+        )
+        check_forwarded(values)
+        self.trusted_proxies: AddressSet = values["trusted_proxies"]
+        self.trusted_proxy_count: int | str = values["trusted_proxy_count"]
+        self.trusted_headers: frozenset[str] = values["trusted_headers"]
+        self.clear_untrusted: bool = values["clear_untrusted"]
+        #: False when the rewrite can never change anything.
+        self.enabled = bool(self.trusted_proxies) or self.clear_untrusted
+        self._nobody = not self.trusted_proxies
+        self._auto = self.trusted_proxy_count == "auto"
+        self._count = 1 if self._auto else self.trusted_proxy_count
+        self._rfc7239 = "forwarded" in self.trusted_headers
+        self._trusted_keys = frozenset(
+            key for key, name in _NAMES.items() if name.lower() in self.trusted_headers
+        )
+
+    def rewrite(self, environ: MutableMapping[str, Any]) -> None:
+        """Apply the trusted headers of ``environ`` to it, in place.
+
+        Raises :class:`MalformedHeader`, leaving ``environ`` as it was, when
+        a trusted header cannot be applied.
+        """
+        if self._nobody or environ.get("REMOTE_ADDR") not in self.trusted_proxies:
+            if self.clear_untrusted:
+                found = [key for key in _KEYS if key in environ]
+                if found:
+                    _commit(environ, dict.fromkeys(found))
+            return
+        # Worked out in full before anything is set, so a 400 changes nothing.
+        changes: dict[str, str | None] = {}
+        if self.clear_untrusted:
+            changes.update((key, None) for key in _KEYS if key in environ)
+        if self._rfc7239:
+            self._forwarded(environ, changes)
+        else:
+            self._x_forwarded(environ, changes)
+        if changes:
+            _commit(environ, changes)
+
+    def _x_forwarded(self, environ, changes) -> None:
+        hops = self._count
+        values = _split(environ.get(_FOR)) if _FOR in self._trusted_keys else []
+        index = None
+        if values and self._auto:
+            index = len(values) - 1
+            while index and self.trusted_proxies.contains_ip(
+                parse_ip(self._for(values[index])[0])
+            ):
+                index -= 1
+            hops = len(values) - index
+        elif values and len(values) >= hops:
+            index = len(values) - hops
+        if index is not None:
+            nodes = [self._for(value) for value in values[index:]]
+            changes["REMOTE_ADDR"], changes["REMOTE_PORT"] = nodes[0]
+            if self.clear_untrusted:
+                # addresses only: WebOb's client_addr reads the first one as is
+                changes[_FOR] = ", ".join(address for address, _ in nodes)
+        proto = self._pick(environ, changes, _PROTO, hops, _proto, "http or https")
+        host = self._pick(environ, changes, _HOST, hops, _host, "a host[:port]")
+        port = self._pick(environ, changes, _PORT, hops, _port, "a port")
+        prefix = self._pick(environ, changes, _PREFIX, hops, _prefix, "a path")
+        self._location(environ, changes, proto, host, port)
+        if prefix is not None:
+            changes["SCRIPT_NAME"] = prefix + environ.get("SCRIPT_NAME", "")
+
+    @staticmethod
+    def _for(value: str) -> tuple[str, str | None]:
+        return _checked(_FOR, value, _node, "an IP address[:port]")
+
+    def _pick(self, environ, changes, key, hops, check, what) -> Any:
+        """The oldest of the last ``hops`` values of a list header, checked."""
+        if key not in self._trusted_keys:
+            return None
+        tail = _split(environ.get(key))[-hops:]
+        if not tail:
+            return None
+        if self.clear_untrusted:
+            changes[key] = ", ".join(tail)
+        for value in tail[1:]:
+            _checked(key, value, check, what)
+        return _checked(key, tail[0], check, what)
+
+    def _forwarded(self, environ, changes) -> None:
+        elements = parse_forwarded(environ.get(_FORWARDED) or "")
+        if not elements:
+            return
+        hops = self._count
+        if self._auto:
+            hops = 1
+            while hops < len(elements):
+                node = self._element_for(elements[-hops][0])
+                if node is None or node[0] is None:
+                    break
+                if not self.trusted_proxies.contains_ip(parse_ip(node[0])):
+                    break
+                hops += 1
+        tail = elements[-hops:]
+        proto = host = None
+        # Newest first, so that the oldest element carrying a value wins and
+        # ``node`` ends as the ``for`` of the oldest trusted element.
+        for params, _ in reversed(tail):
+            node = self._element_for(params)
+            if "proto" in params:
+                proto = _checked(_FORWARDED, params["proto"], _proto, "http or https")
+            if "host" in params:
+                host = _checked(_FORWARDED, params["host"], _host, "a host[:port]")
+        if len(elements) >= hops and node is not None and node[0] is not None:
+            changes["REMOTE_ADDR"], changes["REMOTE_PORT"] = node
+        if self.clear_untrusted:
+            changes[_FORWARDED] = ", ".join(raw for _, raw in tail)
+        self._location(environ, changes, proto, host, None)
+
+    @staticmethod
+    def _element_for(params: dict[str, str]) -> tuple[str | None, str | None] | None:
+        value = params.get("for")
+        if value is None:
+            return None
+        node = _node(value, rfc7239=True)
+        if node is None:
+            raise MalformedHeader(
+                "Forwarded", f"for={_shown(value)} is not a node (RFC 7239 section 6)"
+            )
+        return node
+
+    @staticmethod
+    def _location(environ, changes, proto, host, port) -> None:
+        """Set scheme, host and port together, so that they agree."""
+        if proto is None and host is None and port is None:
+            return
+        scheme = proto or environ.get("wsgi.url_scheme", "http")
+        if host is None and "HTTP_HOST" in environ:
+            host = _host(environ["HTTP_HOST"])
+            if host is None:
+                raise MalformedHeader(
+                    "Host", f"{_shown(environ['HTTP_HOST'])} is not a host[:port]"
+                )
+        if host is not None:
+            name, host_port = host
+            changes["HTTP_HOST"] = name
+        else:
+            name, host_port = environ.get("SERVER_NAME", ""), None
+        default = _DEFAULT_PORTS.get(scheme)
+        port = port or host_port or default or environ.get("SERVER_PORT")
+        if "HTTP_HOST" in changes and port != default:
+            changes["HTTP_HOST"] = f"{name}:{port}"
+        changes["wsgi.url_scheme"] = scheme
+        changes["SERVER_NAME"] = name
+        changes["SERVER_PORT"] = port
+
+
+def _commit(environ: MutableMapping[str, Any], changes: dict[str, str | None]) -> None:
+    """Apply ``changes`` (None removes a key), keeping the first original values."""
+    original = None
+    for key, value in changes.items():
+        old = environ.get(key)
+        if old == value:
+            continue
+        if original is None:
+            original = environ.setdefault(ORIGINAL_KEY, {})
+        original.setdefault(key, old)
+        if value is None:
+            del environ[key]
+        else:
+            environ[key] = value
+
+
+def _reject(exc: MalformedHeader, environ: Mapping[str, Any]) -> bytes:
+    log.warning("400 Bad Request for peer %r: %s", environ.get("REMOTE_ADDR"), exc)
+    return f"Bad Request\n\n{exc}\n".encode()
+
+
+# -- WSGI ---------------------------------------------------------------------
+
+
+class ForwardedMiddleware:
+    """WSGI middleware applying trusted proxy headers (see the module doc).
+
+    Keyword arguments are those of :class:`ProxyHeaders`, typed or as ini
+    strings; a bad value raises :class:`~pyramid_lb.settings.SettingsError`.
+    """
+
+    def __init__(
+        self,
+        app: Callable,
+        *,
+        trusted_proxies: AddressSet | str | Iterable[str] = "",
+        trusted_proxy_count: int | str = 1,
+        trusted_headers: Iterable[str] | str = DEFAULT_HEADERS,
+        clear_untrusted: bool | str = True,
+    ):
+        self.app = app
+        self.proxy_headers = ProxyHeaders(
+            trusted_proxies, trusted_proxy_count, trusted_headers, clear_untrusted
+        )
+
+    def __call__(self, environ, start_response):
+        try:
+            self.proxy_headers.rewrite(environ)
+        except MalformedHeader as exc:
+            body = _reject(exc, environ)
+            start_response(
+                "400 Bad Request",
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(body))),
+                ],
+            )
+            return [body]
+        return self.app(environ, start_response)
+
+
+def filter_factory(global_conf: Mapping[str, Any], **local_conf: str):
+    """PasteDeploy filter ``egg:pyramid_lb#forwarded``, with unprefixed keys."""
+    values = parse(FORWARDED_SETTINGS, local_conf)
+    check_forwarded(values)
+
+    def forwarded_filter(app):
+        return ForwardedMiddleware(app, **values)
+
+    return forwarded_filter
+
+
+# -- Pyramid ------------------------------------------------------------------
+
+
+def includeme(config: Configurator) -> None:
+    """Apply trusted proxy headers before any other tween sees the request.
+
+    Reads ``pyramid_lb.trusted_proxies``, ``pyramid_lb.trusted_proxy_count``,
+    ``pyramid_lb.trusted_headers`` and ``pyramid_lb.clear_untrusted`` (ini
+    strings or values already parsed), writes the typed values back, and
+    registers :func:`forwarded_tween_factory` right under INGRESS.
+    """
+    settings = config.get_settings()
+    try:
+        values = parse(FORWARDED_SETTINGS, settings, ADDON_PREFIX, reject_unknown=False)
+        check_forwarded(values, ADDON_PREFIX)
+    except SettingsError as exc:
+        raise ConfigurationError(str(exc)) from None
+    settings.update(values)
+    config.add_tween(TWEEN, under=INGRESS)
+
+
+def forwarded_tween_factory(handler, registry):
+    """The tween of :func:`includeme`; a 400 Response for malformed headers."""
+    settings = registry.settings
+    proxy_headers = ProxyHeaders(
+        **{s.name: settings.get(ADDON_PREFIX + s.name) for s in FORWARDED_SETTINGS}
+    )
+    if not proxy_headers.enabled:
+        return handler
+
+    def forwarded_tween(request):
+        try:
+            proxy_headers.rewrite(request.environ)
+        except MalformedHeader as exc:
+            return Response(
+                _reject(exc, request.environ),
+                status=400,
+                content_type="text/plain",
+                charset="utf-8",
+            )
+        return handler(request)
+
+    return forwarded_tween

@@ -1,0 +1,142 @@
+"""Real processes for tests: started on ports chosen at run time, always reaped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+SERVING_IPV4 = re.compile(r"Serving on http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)")
+
+
+class Process:
+    """A child process whose output goes to a file (no pipe to fill up)."""
+
+    def __init__(self, argv, log_path: Path, env=None, cwd=ROOT):
+        self.argv = [str(arg) for arg in argv]
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        # Own session: the whole group can be signalled, and a Ctrl-C in the
+        # terminal running pytest does not reach it twice.
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, pattern: str | re.Pattern, timeout: float = 15.0):
+        """The first match of ``pattern`` in the output, waiting for it."""
+        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            match = pattern.search(self.output())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.argv} exited ({self.popen.returncode}) before printing "
+                    f"{pattern.pattern!r}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.argv} did not print {pattern.pattern!r} within "
+                    f"{timeout}s:\n{self.output()}"
+                )
+            time.sleep(0.02)
+
+    def port(self, timeout: float = 15.0) -> int:
+        """The IPv4 TCP port a waitress server in this process listens on.
+
+        ``localhost:0`` gives one port for 127.0.0.1 and another for ::1;
+        tests talk IPv4 unless they say otherwise.
+        """
+        return int(self.wait_for_output(SERVING_IPV4, timeout).group(1))
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self) -> None:
+        """Terminate the whole process group, killing it if it lingers."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.popen.poll() is None:
+            self.popen.wait(5)
+        self._log.close()
+
+
+class Processes:
+    """Starts processes for one test and stops all of them afterwards."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.started: list[Process] = []
+
+    def start(self, argv, name: str | None = None, env=None, cwd=ROOT) -> Process:
+        name = name or Path(str(argv[0])).name
+        log_path = self.tmp_path / f"{name}-{len(self.started)}.log"
+        process = Process(argv, log_path, env=env, cwd=cwd)
+        self.started.append(process)
+        return process
+
+    def pserve(self, ini, *args, env=None) -> tuple[Process, str]:
+        """``pserve INI http_port=0 ...``; returns it and its base URL."""
+        process = self.start(
+            [BIN / "pserve", ini, "http_port=0", *args], name="pserve", env=env
+        )
+        port = process.port()
+        if port == 6543:
+            raise AssertionError(f"{ini}: http_port=0 did not reach [server:main]")
+        return process, f"http://127.0.0.1:{port}"
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            process.stop()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll ``predicate`` until it returns something true; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def get(url: str, **kw) -> requests.Response:
+    kw.setdefault("timeout", 10)
+    return requests.get(url, **kw)
