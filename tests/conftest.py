@@ -11,3 +11,13 @@ def processes(tmp_path):
         yield started
     finally:
         started.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_processes(tmp_path_factory):
+    """Like ``processes``, shared by the tests of one module."""
+    started = Processes(tmp_path_factory.mktemp("processes"))
+    try:
+        yield started
+    finally:
+        started.stop_all()

@@ -96,6 +96,58 @@ class Process:
         self._log.close()
 
 
+class Instance:
+    """A fixture instance started by :meth:`Processes.backend`."""
+
+    def __init__(self, name: str, process: Process, url: str):
+        self.name = name
+        self.process = process
+        self.url = url
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL: the instance dies without a word, as in a crash."""
+        self.process.popen.kill()
+        self.process.popen.wait(5)
+
+
+DISPATCHER_INI = """
+[app:main]
+use = egg:pyramid_lb#dispatcher
+{settings}
+
+[server:main]
+use = egg:waitress#main
+host = 127.0.0.1
+port = 0
+threads = 16
+
+[loggers]
+keys = root
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = INFO
+handlers = console
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+formatter = generic
+
+[formatter_generic]
+format = %(levelname)s [%(name)s] %(message)s
+"""
+
+
 class Processes:
     """Starts processes for one test and stops all of them afterwards."""
 
@@ -119,6 +171,27 @@ class Processes:
         if port == 6543:
             raise AssertionError(f"{ini}: http_port=0 did not reach [server:main]")
         return process, f"http://127.0.0.1:{port}"
+
+    def backend(self, name: str, log_dir: Path | None = None) -> Instance:
+        """A fixture instance (tests/fixtureapps/backend.py) on a free port."""
+        process = self.start(
+            [sys.executable, "-m", "tests.fixtureapps.backend", name, log_dir or ""],
+            name=name,
+        )
+        return Instance(name, process, f"http://127.0.0.1:{process.port()}")
+
+    def dispatcher(self, backends, **settings) -> tuple[Process, str]:
+        """``pserve`` of a dispatcher over ``backends`` (instances or URLs)."""
+        urls = [getattr(b, "url", b) for b in backends]
+        settings = {"backends": " ".join(urls), **settings}
+        path = self.tmp_path / f"dispatcher-{len(self.started)}.ini"
+        path.write_text(
+            DISPATCHER_INI.format(
+                settings="\n".join(f"{k} = {v}" for k, v in settings.items())
+            )
+        )
+        process = self.start([BIN / "pserve", path], name="dispatcher")
+        return process, f"http://127.0.0.1:{process.port()}"
 
     def stop_all(self) -> None:
         for process in reversed(self.started):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from pyramid_lb.dispatcher.upstream import Pool
@@ -89,7 +89,8 @@ class Cluster:
 
     Requests read :meth:`candidates` (a tuple, recomputed only when some
     state changed); health checks, passive ejection, the supervisor and the
-    admin change states through the methods here.
+    admin change states through the methods here. ``backends`` is replaced,
+    never changed in place, so it can be iterated without the lock.
     """
 
     def __init__(
@@ -98,33 +99,44 @@ class Cluster:
         eject_after: int = 3,
         eject_time: float = 5.0,
         max_eject_time: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.backends: list[Backend] = list(backends)
         self.eject_after = eject_after
         self.eject_time = eject_time
         self.max_eject_time = max_eject_time
+        self._clock = clock
         self._lock = threading.RLock()
         self._candidates: tuple[Backend, ...] = ()
         self._recheck_at = 0.0  # when an ejection ends
         self._stale = True
         self.panic = False
-        #: Bumped on membership changes (consistent hashing rebuilds its ring).
+        #: Bumped on membership and weight changes (consistent hashing
+        #: rebuilds its ring). Always bumped after ``backends`` is replaced.
         self.version = 0
 
     # -- membership -----------------------------------------------------------
 
     def add(self, backend: Backend) -> None:
         with self._lock:
-            self.backends.append(backend)
+            self.backends = [*self.backends, backend]
             self.version += 1
             self._stale = True
 
     def remove(self, backend: Backend) -> None:
         with self._lock:
-            self.backends.remove(backend)
+            backends = list(self.backends)
+            backends.remove(backend)
+            self.backends = backends
             self.version += 1
             self._stale = True
         backend.pool.clear()
+
+    def set_weight(self, backend: Backend, weight: int) -> None:
+        """Change ``backend``'s share of the requests."""
+        with self._lock:
+            backend.weight = weight
+            self.version += 1
 
     def get(self, name: str) -> Backend | None:
         for backend in self.backends:
@@ -136,13 +148,19 @@ class Cluster:
 
     def candidates(self) -> tuple[Backend, ...]:
         """Backends that may take a new request, best effort when all look bad."""
-        if self._stale or time.monotonic() >= self._recheck_at:
+        if self._stale or self._clock() >= self._recheck_at:
             self._recompute()
         return self._candidates
 
     def _recompute(self) -> None:
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
+            if not self._stale and now < self._recheck_at:
+                return  # another thread did it while this one waited
+            # Cleared before reading the states, not after: a change made
+            # meanwhile (set_state does not wait for the lock) marks the
+            # candidates stale again instead of being lost.
+            self._stale = False
             serving = [b for b in self.backends if b.state == UP and not b.held]
             healthy = [b for b in serving if b.ejected_until <= now]
             panic = bool(serving) and not healthy
@@ -158,14 +176,15 @@ class Cluster:
             self._candidates = tuple(serving if panic else healthy)
             ejected_until = [b.ejected_until for b in serving if b.ejected_until > now]
             self._recheck_at = min(ejected_until, default=float("inf"))
-            self._stale = False
 
     def changed(self) -> None:
         """Some backend's state changed: recompute the candidates."""
         self._stale = True
 
     def set_state(self, backend: Backend, state: str, reason: str = "") -> None:
-        if backend.state != state:
+        with self._lock:  # two callers racing would log the same change twice
+            if backend.state == state:
+                return
             log.info(
                 "instance %s: %s -> %s%s",
                 backend.name,
@@ -174,9 +193,9 @@ class Cluster:
                 f" ({reason})" if reason else "",
             )
             backend.state = state
-            if state in (DOWN, FAILED):
-                backend.pool.clear()
             self._stale = True
+        if state in (DOWN, FAILED):
+            backend.pool.clear()
 
     def hold(self, backend: Backend, held: bool = True) -> None:
         """Stop (or resume) sending new requests to ``backend``."""
@@ -194,9 +213,9 @@ class Cluster:
         with self._lock:
             backend.failures += 1
             backend.errors += 1
-            if backend.failures < self.eject_after or backend.ejected:
+            now = self._clock()
+            if backend.failures < self.eject_after or backend.ejected_until > now:
                 return
-            now = time.monotonic()
             if now - backend.ejected_until > self.max_eject_time:
                 backend.ejections = 0  # well behaved for long: start over
             backend.ejections += 1

@@ -1,0 +1,417 @@
+"""The dispatcher as users run it: real instances, real pserve, real sockets."""
+
+import collections
+import hashlib
+import os
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.processes import wait_until
+
+FAST_CHECKS = {
+    "health_check_interval": "0.1",
+    "health_check_timeout": "0.5",
+    "rise": "1",
+    "fall": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def trio(module_processes):
+    """Three fixture instances, a, b and c, shared by this module's tests."""
+    with ThreadPoolExecutor(3) as pool:
+        return list(pool.map(module_processes.backend, ["a", "b", "c"]))
+
+
+def names(url, count, path="/whoami", **kw):
+    with requests.Session() as session:
+        return [
+            session.get(url + path, timeout=10, **kw).json()["name"]
+            for _ in range(count)
+        ]
+
+
+def rss_peak_kib(pid):
+    with open(f"/proc/{pid}/status") as status_file:
+        status = status_file.read()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+
+# -- balancing ----------------------------------------------------------------
+
+
+def test_round_robin_rotates_exactly(processes, trio):
+    _, url = processes.dispatcher(trio)
+    seen = names(url, 30)
+    first = seen[:3]
+    assert sorted(first) == ["a", "b", "c"]
+    assert seen == first * 10
+
+
+def test_weights_hold_within_five_percent(processes, trio):
+    backends = f"{trio[0].url} weight=1 {trio[1].url} weight=2 {trio[2].url} weight=3"
+    _, url = processes.dispatcher([backends], strategy="weighted_round_robin")
+    counts = collections.Counter(names(url, 600))
+    for name, share in (("a", 1 / 6), ("b", 2 / 6), ("c", 3 / 6)):
+        assert abs(counts[name] / 600 - share) <= 0.05 * share
+
+
+def in_flight(instance):
+    """Requests running on a fixture instance, not counting this one."""
+    return requests.get(instance.url + "/whoami", timeout=10).json()["in_flight"] - 1
+
+
+@pytest.mark.parametrize("strategy", ["least_connections", "p2c"])
+def test_busy_instance_is_avoided(processes, trio, strategy):
+    _, url = processes.dispatcher(trio, strategy=strategy)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(requests.get, url + "/slow?s=1", timeout=10)
+        wait_until(lambda: sum(in_flight(instance) for instance in trio) == 1)
+        quick = names(url, 20)
+        busy = slow.result().json()["name"]
+    assert busy not in quick
+    assert len(set(quick)) == 2
+
+
+def test_hash_keeps_keys_and_moves_a_third_when_one_leaves(processes, module_processes):
+    instances = [processes.backend(name) for name in ("h1", "h2", "h3")]
+    _, url = processes.dispatcher(
+        instances, strategy="hash", hash_key="header:X-User", **FAST_CHECKS
+    )
+    keys = [f"user-{i}" for i in range(90)]
+
+    def placement():
+        with requests.Session() as session:
+            return {
+                key: session.get(
+                    url + "/whoami", headers={"X-User": key}, timeout=10
+                ).json()["name"]
+                for key in keys
+            }
+
+    before = placement()
+    assert placement() == before
+    assert set(before.values()) == {"h1", "h2", "h3"}
+    instances[0].kill()
+    wait_until(lambda: "h1" not in names(url, 6))
+    after = placement()
+    moved = [key for key in keys if after[key] != before[key]]
+    assert all(before[key] == "h1" for key in moved)
+    assert len(moved) == sum(1 for key in keys if before[key] == "h1")
+    assert 0.15 <= len(moved) / len(keys) <= 0.55
+
+
+# -- proxying -----------------------------------------------------------------
+
+
+def test_headers_both_ways(processes, trio):
+    _, url = processes.dispatcher(trio[:1], via_name="lb-test")
+    port = url.rsplit(":", 1)[1]
+    response = requests.get(
+        url + "/echo?x=1",
+        headers={
+            "Connection": "keep-alive, X-Secret",
+            "X-Secret": "hop",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authorization": "Basic abc",
+            "TE": "trailers",
+            "X-Kept": "end-to-end",
+            "X-Forwarded-For": "203.0.113.7",
+            "X-Forwarded-Proto": "https",
+        },
+        timeout=10,
+    )
+    echo = response.json()
+    seen = echo["headers"]
+    for hop in ("X-Secret", "Keep-Alive", "Proxy-Authorization", "Te", "Connection"):
+        assert hop not in seen
+    assert seen["X-Kept"] == "end-to-end"
+    assert seen["Host"] == f"127.0.0.1:{port}"
+    assert echo["uri"] == "/echo?x=1"
+    # waitress (clear_untrusted_proxy_headers) dropped the client's own
+    # X-Forwarded-*: the dispatcher is the first proxy.
+    assert seen["X-Forwarded-For"] == "127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] == f"127.0.0.1:{port}"
+    assert seen["X-Forwarded-Port"] == port
+    assert seen["Forwarded"] == f'for=127.0.0.1;proto=http;host="127.0.0.1:{port}"'
+    assert seen["Via"] == "1.1 lb-test (pyramid_lb)"
+    assert re.fullmatch(r"[0-9a-f]{32}", seen["X-Request-Id"])
+    assert response.headers["X-Request-ID"] == seen["X-Request-Id"]
+    assert response.headers["Via"] == "1.1 lb-test (pyramid_lb)"
+    assert "Expect" not in seen
+
+
+def test_request_id_is_passed_on(processes, trio):
+    _, url = processes.dispatcher(trio[:1])
+    response = requests.get(
+        url + "/echo", headers={"X-Request-ID": "abc-123"}, timeout=10
+    )
+    assert response.json()["headers"]["X-Request-Id"] == "abc-123"
+    assert response.headers["X-Request-ID"] == "abc-123"
+
+
+def test_loop_is_refused_with_508(processes, trio):
+    _, url = processes.dispatcher(trio[:1], via_name="lb-test")
+    response = requests.get(
+        url + "/echo", headers={"Via": "1.1 lb-test (pyramid_lb)"}, timeout=10
+    )
+    assert response.status_code == 508
+    assert response.headers["Content-Type"].startswith("text/plain")
+
+
+def test_body_limit_gives_413(processes, trio):
+    _, url = processes.dispatcher(trio[:1], max_body_size="1k")
+    assert requests.post(url + "/echo", data=b"x" * 1024, timeout=10).status_code == 200
+    assert requests.post(url + "/echo", data=b"x" * 1025, timeout=10).status_code == 413
+
+
+def test_post_body_and_content_type(processes, trio):
+    _, url = processes.dispatcher(trio[:1])
+    response = requests.post(
+        url + "/echo",
+        data=b"hello",
+        headers={"Content-Type": "text/x-demo"},
+        timeout=10,
+    )
+    echo = response.json()
+    assert echo["body"] == "hello"
+    assert echo["headers"]["Content-Type"] == "text/x-demo"
+    assert echo["content_length"] == "5"
+    empty = requests.post(url + "/echo", timeout=10).json()
+    assert empty["content_length"] == "0"
+
+
+def test_large_streamed_response_in_bounded_memory(processes, trio):
+    process, url = processes.dispatcher(trio[:1])
+    requests.get(url + "/big?mb=1", timeout=10).raise_for_status()  # warm up
+    before = rss_peak_kib(process.pid)
+    digest = hashlib.sha256()
+    received = 0
+    with requests.get(url + "/big?mb=50", stream=True, timeout=30) as response:
+        assert response.headers.get("Transfer-Encoding") == "chunked"
+        for chunk in response.iter_content(1 << 16):
+            received += len(chunk)
+            digest.update(chunk)
+    assert received == 50 << 20
+    assert digest.hexdigest() == hashlib.sha256(b"x" * (50 << 20)).hexdigest()
+    assert rss_peak_kib(process.pid) - before < 20 * 1024
+
+
+def test_large_response_with_length(processes, trio):
+    _, url = processes.dispatcher(trio[:1])
+    response = requests.get(url + "/big?mb=3&length=yes", timeout=30)
+    assert response.headers["Content-Length"] == str(3 << 20)
+    assert len(response.content) == 3 << 20
+
+
+def test_large_upload_arrives_intact(processes, trio):
+    _, url = processes.dispatcher(trio[:1])
+    body = os.urandom(1 << 20) * 100
+    response = requests.post(url + "/upload", data=body, timeout=60)
+    assert response.json()["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_head_request(processes, trio):
+    _, url = processes.dispatcher(trio[:1])
+    with requests.Session() as session:
+        head = session.head(url + "/whoami", timeout=10)
+        assert head.status_code == 200
+        assert head.content == b""
+        assert session.get(url + "/whoami", timeout=10).json()["name"] == "a"
+
+
+# -- failures -----------------------------------------------------------------
+
+
+def test_slow_instance_gives_504_after_the_read_timeout(processes, trio):
+    _, url = processes.dispatcher(trio[:1], read_timeout="0.5")
+    started = time.monotonic()
+    response = requests.get(url + "/slow?s=2", timeout=10)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    assert 0.5 <= elapsed < 1.5
+    assert "Traceback" not in response.text
+
+
+def test_all_down_gives_503_with_retry_after_quickly(processes):
+    instances = [processes.backend(name) for name in ("d1", "d2")]
+    _, url = processes.dispatcher(instances, connect_timeout="1")
+    for instance in instances:
+        instance.kill()
+    started = time.monotonic()
+    response = requests.get(url + "/whoami", timeout=10)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"].isdigit()
+    assert time.monotonic() - started < 1
+
+
+def test_down_instances_are_skipped_by_health_checks(processes):
+    instances = [processes.backend(name) for name in ("e1", "e2")]
+    process, url = processes.dispatcher(instances, **FAST_CHECKS)
+    instances[0].kill()
+    process.wait_for_output(r"instance 127\.0\.0\.1:\d+: up -> down")
+    assert set(names(url, 10)) == {"e2"}
+    instances[1].kill()
+    wait_until(lambda: process.output().count("up -> down") == 2)
+    started = time.monotonic()
+    response = requests.get(url + "/whoami", timeout=10)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert time.monotonic() - started < 0.5  # no instance was even tried
+
+
+def test_draining_instance_gets_no_new_requests_but_finishes(processes):
+    instances = [processes.backend(name) for name in ("f1", "f2")]
+    process, url = processes.dispatcher(instances, **FAST_CHECKS)
+    with ThreadPoolExecutor(2) as pool:
+        slow = [
+            pool.submit(requests.get, url + "/slow?s=1", timeout=10) for _ in range(2)
+        ]
+        time.sleep(0.2)
+        requests.get(instances[0].url + "/drain", timeout=10)
+        process.wait_for_output(r"up -> down \(health check: 503")
+        quick = names(url, 10)
+        results = [future.result() for future in slow]
+    assert set(quick) == {"f2"}
+    assert all(result.status_code == 200 for result in results)
+    assert {result.json()["name"] for result in results} == {"f1", "f2"}
+
+
+def garbage_server():
+    """A loopback server that answers every connection with garbage."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SURPRISE\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_garbage_from_an_instance_gives_502(processes):
+    server = garbage_server()
+    try:
+        port = server.getsockname()[1]
+        _, url = processes.dispatcher([f"http://127.0.0.1:{port}"], retries="0")
+        response = requests.get(url + "/", timeout=10)
+    finally:
+        server.close()
+    assert response.status_code == 502
+    assert "invalid response" in response.text
+    assert "Traceback" not in response.text
+
+
+def test_failing_instance_is_ejected(processes):
+    instances = [processes.backend(name) for name in ("g1", "g2")]
+    process, url = processes.dispatcher(instances, eject_after="2", eject_time="30")
+    with requests.Session() as session:
+        statuses = [
+            session.get(url + "/status?code=500&only=g1", timeout=10).status_code
+            for _ in range(12)
+        ]
+    assert statuses.count(500) == 2
+    assert statuses[-8:] == [200] * 8
+    process.wait_for_output(r"127\.0\.0\.1:\d+ ejected for 30s after 2 failures")
+
+
+def test_all_failing_is_panic_not_503(processes):
+    instances = [processes.backend(name) for name in ("g3", "g4")]
+    process, url = processes.dispatcher(instances, eject_after="1", eject_time="30")
+    with requests.Session() as session:
+        statuses = [
+            session.get(url + "/status?code=500", timeout=10).status_code
+            for _ in range(6)
+        ]
+    assert statuses == [500] * 6  # still tried, and 5xx answers are passed on
+    process.wait_for_output("panic mode")
+
+
+def steady_load(url, stop, results, path="/whoami", method="GET", prefix="r"):
+    """Sequential requests until ``stop`` is set; records (status, name)."""
+    counter = 0
+    with requests.Session() as session:
+        while not stop.is_set():
+            counter += 1
+            try:
+                if method == "GET":
+                    response = session.get(url + path, timeout=10)
+                else:
+                    response = session.post(
+                        f"{url}{path}&id={prefix}{counter}", timeout=10
+                    )
+                results.append((response.status_code, f"{prefix}{counter}"))
+            except requests.RequestException as exc:
+                results.append((type(exc).__name__, f"{prefix}{counter}"))
+
+
+def test_killing_an_instance_under_get_load_fails_nothing(processes):
+    instances = [processes.backend(name) for name in ("k1", "k2", "k3")]
+    _, url = processes.dispatcher(instances)
+    stop = threading.Event()
+    results = []
+    loaders = [
+        threading.Thread(target=steady_load, args=(url, stop, results, "/slow?s=0.02"))
+        for _ in range(4)
+    ]
+    for loader in loaders:
+        loader.start()
+    try:
+        time.sleep(0.5)
+        instances[0].kill()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join(15)
+    assert len(results) > 50
+    assert [r for r in results if r[0] != 200] == []
+
+
+def test_killing_an_instance_under_post_load_runs_no_post_twice(processes, tmp_path):
+    instances = [processes.backend(name, tmp_path) for name in ("p1", "p2", "p3")]
+    _, url = processes.dispatcher(instances)
+    stop = threading.Event()
+    results = []
+    loaders = [
+        threading.Thread(
+            target=steady_load,
+            # each POST takes 50 ms: the kill lands on some in flight
+            args=(url, stop, results, "/count?s=0.05", "POST", f"t{n}-"),
+            kwargs={},
+        )
+        for n in range(4)
+    ]
+    for loader in loaders:
+        loader.start()
+    try:
+        time.sleep(0.5)
+        instances[0].kill()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join(15)
+    executed = collections.Counter()
+    for log in tmp_path.glob("*.posts"):
+        executed.update(log.read_text().split())
+    assert len(results) > 50
+    assert [key for key, times in executed.items() if times > 1] == []
+    for status, key in results:
+        if status == 200:
+            assert executed[key] == 1
+    # Only a POST that may have reached the killed instance can fail.
+    assert sum(1 for status, _ in results if status != 200) <= 4
