@@ -124,6 +124,7 @@ use = egg:waitress#main
 host = 127.0.0.1
 port = 0
 threads = 16
+outbuf_high_watermark = 1048576
 
 [loggers]
 keys = root

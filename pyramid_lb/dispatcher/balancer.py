@@ -13,7 +13,6 @@ import math
 import random
 import threading
 from collections.abc import Sequence
-from http.cookies import SimpleCookie
 
 from pyramid_lb.dispatcher.cluster import Backend, Cluster
 
@@ -54,6 +53,7 @@ class WeightedRoundRobin:
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
         self._current: dict[Backend, int] = {}
+        self._version = cluster.version
         self._lock = threading.Lock()
 
     def choose(self, environ, tried=()) -> Backend | None:
@@ -72,9 +72,10 @@ class WeightedRoundRobin:
                 if best is None or weight > best_weight:
                     best, best_weight = backend, weight
             current[best] = best_weight - total
-            if len(current) > 2 * len(candidates) + 8:  # forget removed ones
-                alive = set(self.cluster.backends)
-                for backend in [b for b in current if b not in alive]:
+            if self._version != self.cluster.version:  # forget removed ones
+                self._version = self.cluster.version
+                members = set(self.cluster.backends)
+                for backend in [b for b in current if b not in members]:
                     del current[backend]
         return best
 
@@ -142,11 +143,14 @@ def key_function(spec: str):
             header = environ.get("HTTP_COOKIE")
             if not header or name not in header:
                 return None
-            try:
-                morsel = SimpleCookie(header).get(name)
-            except Exception:  # a malformed Cookie header: no key
-                return None
-            return morsel.value if morsel is not None else None
+            # Split by hand: SimpleCookie drops every cookie of the header
+            # when any other one is malformed (a space or a quote in some
+            # tracker's value), which would unstick those clients.
+            for pair in header.split(";"):
+                key, equals, value = pair.partition("=")
+                if equals and key.strip() == name:
+                    return value.strip()
+            return None
 
         return cookie
     raise ValueError(
@@ -163,7 +167,8 @@ class ConsistentHash:
     already carrying more than ``balance`` times the average load is passed
     over for the next one on the ring (Mirrokni, Thorup and Zadimoghaddam,
     2016), so one hot key cannot swamp its instance. Requests without the
-    key are balanced round robin.
+    key, or with an empty one, are balanced round robin: hashed, they would
+    all land on one instance.
     """
 
     def __init__(
@@ -184,23 +189,27 @@ class ConsistentHash:
 
     def _build(self) -> tuple[list[int], list[Backend], int]:
         with self._lock:
-            if self._version != self.cluster.version:
+            # The version is read before the members (the cluster replaces
+            # them before bumping it): a change made during the build then
+            # leaves the ring marked old, to be built again next time.
+            version = self.cluster.version
+            if self._version != version:
                 spots = sorted(
                     (
                         (_hash64(f"{backend.name}#{i}".encode()), backend)
-                        for backend in list(self.cluster.backends)
+                        for backend in self.cluster.backends
                         for i in range(self.points * max(backend.weight, 1))
                     ),
                     key=lambda spot: spot[0],
                 )
                 owners = [b for _, b in spots]
                 self._ring = ([h for h, _ in spots], owners, len(set(owners)))
-                self._version = self.cluster.version
+                self._version = version
             return self._ring
 
     def choose(self, environ, tried=()) -> Backend | None:
         key = self.key(environ)
-        if key is None:
+        if not key:
             return self._fallback.choose(environ, tried)
         candidates = _untried(self.cluster.candidates(), tried)
         if not candidates:
@@ -211,31 +220,34 @@ class ConsistentHash:
         load = sum(b.in_flight for b in candidates) + 1
         bound = math.ceil(self.balance * load / len(candidates))
         size = len(owners)
-        start = bisect.bisect(hashes, _hash64(key.encode("utf-8", "surrogateescape")))
+        index = bisect.bisect(hashes, _hash64(key.encode("utf-8", "surrogatepass")))
         seen = set()
-        for step in range(size):
-            backend = owners[(start + step) % size]
+        # Every owner turns up within one turn of the ring, so this ends.
+        while len(seen) < distinct:
+            backend = owners[index % size]
+            index += 1
             if backend in seen:
                 continue
             if backend in allowed and backend.in_flight < bound:
                 return backend
             seen.add(backend)
-            if len(seen) == distinct:
-                break
-        # every candidate is at its bound: the least loaded one
+        # every candidate is at its bound (balance < 1) or not yet on the
+        # ring: the least loaded one
         return min(candidates, key=lambda b: b.in_flight)
 
 
 def make_strategy(name: str, cluster: Cluster, **options):
     """The strategy called ``name`` (one of :data:`STRATEGIES`)."""
+    # options go to every strategy, so one it does not take is a TypeError
+    # rather than silently ignored
     if name == "round_robin":
-        return RoundRobin(cluster)
+        return RoundRobin(cluster, **options)
     if name == "weighted_round_robin":
-        return WeightedRoundRobin(cluster)
+        return WeightedRoundRobin(cluster, **options)
     if name == "least_connections":
-        return LeastConnections(cluster)
+        return LeastConnections(cluster, **options)
     if name == "p2c":
-        return PowerOfTwoChoices(cluster)
+        return PowerOfTwoChoices(cluster, **options)
     if name == "hash":
         return ConsistentHash(cluster, **options)
     raise ValueError(f"{name!r} is not a strategy; expected one of {STRATEGIES}")

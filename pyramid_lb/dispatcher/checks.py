@@ -60,17 +60,21 @@ class HealthChecker:
             )
         started = time.monotonic()
         try:
-            response = exchange(pool, self.request)
+            response = exchange(pool, self.request, replayable=True)
+        except UpstreamError as exc:
+            pool.clear()
+            return False, str(exc)
+        try:
             received = len(response.take_buffered())
             for piece in response.stream():
                 received += len(piece)
                 if received > MAX_BODY:
                     response.close()
                     break
-            response.release()
         except UpstreamError as exc:
-            pool.clear()
+            response.close()
             return False, str(exc)
+        response.release()
         elapsed = (time.monotonic() - started) * 1000
         passed = 200 <= response.status < 400
         return passed, f"{response.status} in {elapsed:.1f} ms"

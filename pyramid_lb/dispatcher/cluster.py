@@ -158,8 +158,8 @@ class Cluster:
             if not self._stale and now < self._recheck_at:
                 return  # another thread did it while this one waited
             # Cleared before reading the states, not after: a change made
-            # meanwhile (set_state does not wait for the lock) marks the
-            # candidates stale again instead of being lost.
+            # meanwhile (hold and changed do not wait for the lock) marks
+            # the candidates stale again instead of being lost.
             self._stale = False
             serving = [b for b in self.backends if b.state == UP and not b.held]
             healthy = [b for b in serving if b.ejected_until <= now]

@@ -104,16 +104,23 @@ class RetryBudget:
     increment under contention only nudges the budget, which is a guide.
     """
 
-    def __init__(self, ratio: float = 0.2, floor: int = 10, window: int = 10):
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        floor: int = 10,
+        window: int = 10,
+        clock=time.monotonic,
+    ):
         self.ratio = ratio
         self.floor = floor
         self.window = window
+        self._clock = clock
         self._second = [0] * window
         self._requests = [0] * window
         self._retries = [0] * window
 
     def _slot(self) -> int:
-        now = int(time.monotonic())
+        now = int(self._clock())
         slot = now % self.window
         if self._second[slot] != now:
             self._second[slot] = now
@@ -311,6 +318,9 @@ class Proxy:
                 ):
                     break
                 continue
+            except ValueError as exc:  # the client's body fell short
+                backend.finished()
+                return error_response(start_response, 400, str(exc))
             except BaseException:
                 if response is not None:
                     response.close()

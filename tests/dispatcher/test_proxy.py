@@ -2,6 +2,8 @@
 
 import collections
 import hashlib
+import http.client
+import json
 import os
 import re
 import socket
@@ -12,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.processes import wait_until
+from tests.processes import ROOT, wait_until
 
 FAST_CHECKS = {
     "health_check_interval": "0.1",
@@ -415,3 +417,31 @@ def test_killing_an_instance_under_post_load_runs_no_post_twice(processes, tmp_p
             assert executed[key] == 1
     # Only a POST that may have reached the killed instance can fail.
     assert sum(1 for status, _ in results if status != 200) <= 4
+
+
+def test_the_demo_sees_the_real_client_behind_the_dispatcher(processes):
+    demos = [processes.pserve(ROOT / "development.ini")[1] for _ in range(2)]
+    _, url = processes.dispatcher(demos, **FAST_CHECKS)
+    host, port = url.removeprefix("http://").split(":")
+
+    def whoami():
+        # From another loopback address than the dispatcher's own 127.0.0.1,
+        # so the demo can only know it from the forwarded headers.
+        conn = http.client.HTTPConnection(
+            host, int(port), source_address=("127.0.0.2", 0)
+        )
+        try:
+            conn.request("GET", "/whoami")
+            response = conn.getresponse()
+            body = response.read()
+            return response.status, json.loads(body) if response.status == 200 else body
+        finally:
+            conn.close()
+
+    # The demo warms up for a second; the dispatcher waits for its readiness.
+    wait_until(lambda: [whoami()[0] for _ in range(4)] == [200] * 4)
+    seen = [whoami()[1] for _ in range(4)]
+    assert {who["client_addr"] for who in seen} == {"127.0.0.2"}
+    assert {who["scheme"] for who in seen} == {"http"}
+    assert {who["host_url"] for who in seen} == {url}
+    assert len({who["pid"] for who in seen}) == 2
