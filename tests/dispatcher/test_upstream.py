@@ -418,9 +418,7 @@ def test_head_with_content_length(serve):
 
 
 def test_body_sent_after_head_is_never_read_as_the_next_answer(serve):
-    server, pool = serve(
-        in_turn(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", OK)
-    )
+    server, pool = serve(in_turn(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", OK))
     response = exchange(pool, HEAD, head_only=True)
     response.release()
     assert fetch(pool)[1] == b"ok"
