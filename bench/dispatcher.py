@@ -91,6 +91,26 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
     raise SystemExit(f"nothing listens on port {port} after {timeout}s")
 
 
+def wait_for_ready(port: int, timeout: float = 30.0) -> None:
+    """Until ten GETs of /readyz in a row answer 200."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while streak < 10:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"port {port} is not ready after {timeout}s")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/readyz")
+            ready = conn.getresponse().status == 200
+        except OSError:
+            ready = False
+        finally:
+            conn.close()
+        streak = streak + 1 if ready else 0
+        if not ready:
+            time.sleep(0.1)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -195,7 +215,10 @@ def main() -> int:
             print("nginx is not installed: no nginx figures, no ratio")
         for port in targets.values():
             wait_for_port(port)
-        time.sleep(3)  # production.ini's demo warms up for 2 s
+        # production.ini's demo warms up for 2 s, then the dispatcher's
+        # health checks must see it ready.
+        for port in (a, b, dispatcher_port):
+            wait_for_ready(port)
         print(
             f"load: {load.__name__.removeprefix('run_')}, {args.connections} "
             f"connections, {args.rounds} rounds of {args.duration:g}s, "

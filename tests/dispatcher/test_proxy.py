@@ -3,6 +3,7 @@
 import collections
 import hashlib
 import http.client
+import io
 import json
 import os
 import re
@@ -14,7 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from pyramid_lb.dispatcher.balancer import RoundRobin
+from pyramid_lb.dispatcher.cluster import Backend, Cluster
+from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
+from pyramid_lb.dispatcher.upstream import UpstreamError
+from tests.dispatcher import canned
+from tests.dispatcher.canned import Canned
 from tests.processes import ROOT, wait_until
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 FAST_CHECKS = {
     "health_check_interval": "0.1",
@@ -445,3 +454,163 @@ def test_the_demo_sees_the_real_client_behind_the_dispatcher(processes):
     assert {who["scheme"] for who in seen} == {"http"}
     assert {who["host_url"] for who in seen} == {url}
     assert len({who["pid"] for who in seen}) == 2
+
+
+# -- in process, against canned instances (real sockets) -----------------------
+
+
+@pytest.fixture
+def canned_proxy():
+    """A Proxy over canned instances; everything closed at the end."""
+    started = []
+    pools = []
+
+    def make(*answers, retries=2, budget=None):
+        servers = [Canned(answer) for answer in answers]
+        started.extend(servers)
+        cluster = Cluster(
+            [Backend(f"http://127.0.0.1:{s.port}", read_timeout=1) for s in servers]
+        )
+        proxy = Proxy(
+            cluster,
+            RoundRobin(cluster),
+            retries=retries,
+            retry_budget=budget,
+            name="lb-unit",
+        )
+        pools.extend(b.pool for b in cluster.backends)
+        return proxy, servers, cluster.backends
+
+    yield make
+    for pool in pools:
+        pool.clear()
+    for server in started:
+        server.stop()
+
+
+def call(app, method="GET", path="/", **environ):
+    """Run a WSGI app on an environ of our own: (status, headers, body)."""
+    env = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "example.org",
+        "SERVER_PORT": "8080",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "192.0.2.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        **environ,
+    }
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = status, headers
+
+    body = b"".join(app(env, start_response))
+    return seen["status"], dict(seen["headers"]), body
+
+
+def test_uri_and_host_without_request_uri_or_host(canned_proxy):
+    proxy, (server,), _ = canned_proxy(canned.in_turn(OK))
+    status, _, body = call(proxy, path="/a b/é", QUERY_STRING="x=1", SCRIPT_NAME="/app")
+    assert (status, body) == ("200 OK", b"ok")
+    head = server.requests[0].head
+    assert server.requests[0].request_line == b"GET /app/a%20b/%C3%A9?x=1 HTTP/1.1"
+    assert b"\r\nHost: example.org:8080\r\n" in head
+    assert b'\r\nForwarded: for=192.0.2.1;proto=http;host="example.org:8080"' in head
+
+
+def test_invalid_content_length_is_400(canned_proxy):
+    proxy, (server,), _ = canned_proxy(canned.in_turn(OK))
+    status, _, body = call(proxy, "POST", CONTENT_LENGTH="-5")
+    assert status == "400 Bad Request"
+    assert body.startswith(b"400 Bad Request: invalid Content-Length")
+    status, _, body = call(proxy, "POST", CONTENT_LENGTH="10")  # body missing
+    assert status == "400 Bad Request"
+    assert b"shorter than its Content-Length" in body
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("status_line", "expected"),
+    [
+        pytest.param(b"HTTP/1.1 404 \r\n", "404 Not Found", id="empty reason"),
+        pytest.param(b"HTTP/1.1 599 \r\n", "599 Unknown", id="unknown code"),
+        pytest.param(b"HTTP/1.1 200 Fine\r\n", "200 Fine", id="own reason"),
+    ],
+)
+def test_status_line(canned_proxy, status_line, expected):
+    proxy, _, _ = canned_proxy(status_line + b"Content-Length: 0\r\n\r\n")
+    assert call(proxy)[0] == expected
+
+
+def test_get_is_retried_on_another_instance_after_a_reset(canned_proxy):
+    proxy, servers, backends = canned_proxy(canned.RESET, OK)
+    status, _, body = call(proxy)
+    assert (status, body) == ("200 OK", b"ok")
+    assert [len(s.requests) for s in servers] == [1, 1]
+    assert backends[1].retries == 1
+
+
+def test_post_that_may_have_arrived_is_not_sent_again(canned_proxy):
+    proxy, servers, _ = canned_proxy(canned.RESET, OK)
+    status, _, body = call(
+        proxy, "POST", CONTENT_LENGTH="2", **{"wsgi.input": io.BytesIO(b"hi")}
+    )
+    assert status == "502 Bad Gateway"
+    assert [len(s.requests) for s in servers] == [1, 0]
+
+
+def test_post_with_idempotency_key_is_retried(canned_proxy):
+    proxy, servers, _ = canned_proxy(canned.RESET, OK)
+    status, _, _ = call(
+        proxy,
+        "POST",
+        CONTENT_LENGTH="2",
+        HTTP_IDEMPOTENCY_KEY="order-7",
+        **{"wsgi.input": io.BytesIO(b"hi")},
+    )
+    assert status == "200 OK"
+    assert [s.requests[0].body for s in servers] == [b"hi", b"hi"]
+
+
+def test_retries_stop_at_the_budget(canned_proxy):
+    budget = RetryBudget(ratio=0.0, floor=0)
+    proxy, servers, _ = canned_proxy(canned.RESET, OK, budget=budget)
+    assert call(proxy)[0] == "502 Bad Gateway"
+    assert len(servers[1].requests) == 0
+
+
+def test_retries_stop_at_retries(canned_proxy):
+    proxy, servers, _ = canned_proxy(*[canned.RESET] * 3, retries=1)
+    assert call(proxy)[0] == "502 Bad Gateway"
+    assert sum(len(s.requests) for s in servers) == 2
+
+
+def test_failure_mid_body_ends_the_response_with_an_error(canned_proxy, caplog):
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    proxy, _, backends = canned_proxy([chunked, canned.RESET])
+    seen = {}
+    body = proxy(
+        {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/",
+            "REQUEST_URI": "/",
+            "SERVER_NAME": "x",
+            "SERVER_PORT": "80",
+            "REMOTE_ADDR": "192.0.2.1",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(),
+        },
+        lambda status, headers: seen.update(status=status),
+    )
+    assert seen["status"] == "200 OK"
+    pieces = iter(body)
+    assert next(pieces) == b"hello"
+    with pytest.raises(UpstreamError):
+        next(pieces)
+    body.close()
+    assert backends[0].in_flight == 0
+    assert "failed mid-response" in caplog.text
