@@ -1,5 +1,5 @@
 # The two commands a new machine needs (only Python 3.11 and make):
-#   make run    serve the demo app
+#   make run    the demo app behind the dispatcher, with 3 instances
 #   make test   lint, run the whole test suite, report branch coverage
 PYTHON ?= python3.11
 VENV := .venv
@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/pserve development.ini
+	$(BIN)/pyramid-lb serve development.ini
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

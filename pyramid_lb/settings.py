@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -382,9 +383,26 @@ def check_forwarded(values: Mapping[str, Any], prefix: str = "") -> None:
         )
 
 
-def parse_addon(raw: Mapping[str, Any]) -> dict[str, Any]:
+#: Set by the dispatcher for the instances it spawns: its own address, added
+#: to ``pyramid_lb.trusted_proxies`` so they apply its forwarded headers.
+TRUSTED_PROXIES_ENV = "PYRAMID_LB_TRUSTED_PROXIES"
+
+
+def parse_addon(
+    raw: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
     """Parse the add-on's ``pyramid_lb.*`` keys out of app settings."""
     values = parse(ADDON_SETTINGS, raw, ADDON_PREFIX)
+    extra = environ.get(TRUSTED_PROXIES_ENV)
+    if extra:
+        key = ADDON_PREFIX + "trusted_proxies"
+        try:
+            added = AddressSet.parse(extra)
+        except ValueError as exc:
+            raise SettingsError(
+                f"{TRUSTED_PROXIES_ENV} = {extra!r} is not valid: {exc}"
+            ) from None
+        values[key] = AddressSet.parse(f"{values[key]} {added}")
     check_forwarded(values, ADDON_PREFIX)
     return values
 
@@ -437,6 +455,25 @@ def hash_key(value: Any) -> str:
 
 
 DISPATCHER_SETTINGS = (
+    Setting(
+        "instances",
+        integer(0, 1000),
+        "0",
+        "How many copies of this file's `[app:main]`/`[server:main]` to spawn "
+        "and supervise.",
+    ),
+    Setting(
+        "base_port",
+        integer(1, 65535),
+        "6544",
+        "Port of the first spawned instance; the next ones take the next free ports.",
+    ),
+    Setting(
+        "ini_files",
+        words,
+        "",
+        "Other ini files to spawn one instance each of (paths relative to this file).",
+    ),
     Setting(
         "backends",
         backend_list,
@@ -546,6 +583,52 @@ DISPATCHER_SETTINGS = (
         "5",
         "How long the first ejection lasts; each repeat lasts that much longer "
         "(at most 5 minutes).",
+    ),
+    Setting(
+        "liveness_path",
+        url_path,
+        "/healthz",
+        "Path probed on spawned instances to find hung ones (the add-on's "
+        "liveness by default); `fall` failures in a row kill and restart it.",
+    ),
+    Setting(
+        "startup_timeout",
+        seconds(allow_zero=False),
+        "30",
+        "Time a spawned instance has to become ready before it is killed and "
+        "started again.",
+    ),
+    Setting(
+        "max_restarts",
+        integer(0),
+        "5",
+        "Restarts allowed within `restart_window`; one more and the instance is "
+        "marked failed instead of restarted again.",
+    ),
+    Setting(
+        "restart_window",
+        seconds(allow_zero=False),
+        "60",
+        "The window `max_restarts` counts in.",
+    ),
+    Setting(
+        "drain_timeout",
+        seconds(),
+        "30",
+        "How long an instance being replaced or removed may finish its requests "
+        "in flight before it is stopped.",
+    ),
+    Setting(
+        "stop_timeout",
+        seconds(allow_zero=False),
+        "10",
+        "Time between SIGTERM and SIGKILL when an instance is stopped.",
+    ),
+    Setting(
+        "admin_allow",
+        addresses,
+        "127.0.0.1 ::1",
+        "Clients allowed to use `/_lb/` (stats and admin actions); others get 403.",
     ),
     Setting(
         "via_name",

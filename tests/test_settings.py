@@ -163,3 +163,18 @@ def test_write_readme_needs_the_markers(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="settings:addon"):
         settings.write_readme(str(readme))
+
+
+def test_the_dispatcher_adds_trusted_proxies_through_the_environment():
+    values = parse_addon(
+        {"pyramid_lb.trusted_proxies": "10.0.0.1"},
+        environ={"PYRAMID_LB_TRUSTED_PROXIES": "127.0.0.1"},
+    )
+    trusted = values["pyramid_lb.trusted_proxies"]
+    assert "10.0.0.1" in trusted and "127.0.0.1" in trusted
+    assert "192.0.2.1" not in trusted
+
+
+def test_a_bad_trusted_proxies_environment_variable_is_named():
+    with pytest.raises(SettingsError, match="PYRAMID_LB_TRUSTED_PROXIES = 'nope'"):
+        parse_addon({}, environ={"PYRAMID_LB_TRUSTED_PROXIES": "nope"})

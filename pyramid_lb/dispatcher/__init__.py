@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import signal
+import threading
+
+from pyramid_lb.dispatcher.admin import PREFIX, Admin
 from pyramid_lb.dispatcher.balancer import make_strategy
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
 from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
+from pyramid_lb.dispatcher.supervisor import Supervisor
 from pyramid_lb.settings import SettingsError, parse_dispatcher
+
+log = logging.getLogger("pyramid_lb.dispatcher")
 
 
 class Dispatcher:
-    """The WSGI app of ``[app:dispatcher]``: the proxy and what keeps it going."""
+    """The WSGI app of ``[app:dispatcher]``: the proxy and what keeps it going.
 
-    def __init__(self, settings: dict):
+    ``ini`` is the file the section came from: ``instances = N`` spawns
+    copies of its ``[app:main]``, and ``ini_files`` are relative to it.
+    """
+
+    def __init__(self, settings: dict, ini: str | None = None):
         self.settings = settings
         pool_options = dict(
             max_idle=settings["pool_size"],
@@ -47,31 +61,115 @@ class Dispatcher:
             timeout=settings["health_check_timeout"],
             rise=settings["rise"],
             fall=settings["fall"],
+            liveness_path=settings["liveness_path"],
         )
+        self.supervisor = None
+        if settings["instances"] or settings["ini_files"]:
+            here = os.path.dirname(ini) if ini else os.getcwd()
+            self.supervisor = Supervisor(
+                self.cluster,
+                copies=settings["instances"],
+                main_ini=ini,
+                ini_files=[os.path.join(here, name) for name in settings["ini_files"]],
+                base_port=settings["base_port"],
+                startup_timeout=settings["startup_timeout"],
+                max_restarts=settings["max_restarts"],
+                restart_window=settings["restart_window"],
+                drain_timeout=settings["drain_timeout"],
+                stop_timeout=settings["stop_timeout"],
+                fall=settings["fall"],
+                backend_options=pool_options,
+            )
+        self.admin = Admin(self, settings["admin_allow"])
+        self._stopped = False
 
     def start(self) -> None:
+        """Spawn the instances and start checking them."""
+        if self.supervisor is not None:
+            self.supervisor.start()
         self.checker.start()
+        atexit.register(self.stop)
 
     def stop(self) -> None:
-        self.checker.stop()
+        """Stop the instances and the checks (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.checker.stop()  # first: stopping instances is no news
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for backend in self.cluster.backends:
-            backend.pool.clear()
+            backend.pool.close()
+
+    def install_signal_handlers(self) -> bool:
+        """SIGHUP: rolling restart; SIGTERM: stop (as Ctrl-C does).
+
+        Only for a dispatcher that spawns instances (it owns processes), and
+        only from the main thread (where Python runs handlers); returns
+        whether they were installed. On SIGTERM, SystemExit makes waitress
+        stop accepting and finish the requests in flight; the instances are
+        stopped after that (``stop``, also registered with atexit).
+        """
+        if (
+            self.supervisor is None
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return False
+
+        def on_sigterm(signum, frame):
+            log.info("SIGTERM: stopping")
+            raise SystemExit(0)
+
+        def on_sighup(signum, frame):
+            log.info("SIGHUP: rolling restart")
+            threading.Thread(
+                target=self.supervisor.rolling_restart, daemon=True
+            ).start()
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGHUP, on_sighup)
+        return True
 
     def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path[:5] == "/_lb/" or path == PREFIX:
+            return self.admin(environ, start_response)
         return self.proxy(environ, start_response)
 
 
-def main(global_conf, **settings):
-    """The paste app factory (``use = egg:pyramid_lb#dispatcher``)."""
+def make_dispatcher(
+    global_conf: dict, overrides: dict | None = None, **settings
+) -> Dispatcher:
+    """Parse an ``[app:dispatcher]`` section into a Dispatcher (not started)."""
+    settings.update(overrides or {})
     try:
         values = parse_dispatcher(settings)
     except SettingsError as exc:
         raise SettingsError(f"[app:dispatcher] {exc}") from None
-    if not values["backends"]:
+    ini = global_conf.get("__file__")
+    if not (values["backends"] or values["instances"] or values["ini_files"]):
         raise SettingsError(
-            "[app:dispatcher] has no instances to balance over: set backends "
+            "[app:dispatcher] has no instances to balance over: set instances = N "
+            "(copies of this file's [app:main]), ini_files, or backends "
             "(e.g. backends = http://127.0.0.1:6544 http://127.0.0.1:6545)"
         )
-    dispatcher = Dispatcher(values)
+    if values["instances"] and not ini:
+        raise SettingsError(
+            "[app:dispatcher] instances = N spawns copies of the ini file it is in, "
+            "but this one was not loaded from a file"
+        )
+    for name in values["ini_files"]:
+        path = os.path.join(os.path.dirname(ini or ""), name)
+        if not os.path.isfile(path):
+            raise SettingsError(
+                f"[app:dispatcher] ini_files: {name!r} is not a file ({path})"
+            )
+    return Dispatcher(values, ini)
+
+
+def main(global_conf, **settings):
+    """The paste app factory (``use = egg:pyramid_lb#dispatcher``)."""
+    dispatcher = make_dispatcher(global_conf, **settings)
     dispatcher.start()
+    dispatcher.install_signal_handlers()
     return dispatcher

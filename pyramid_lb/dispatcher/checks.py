@@ -34,6 +34,7 @@ class HealthChecker:
         rise: int = 2,
         fall: int = 3,
         host: str = "localhost",
+        liveness_path: str = "/healthz",
     ):
         self.cluster = cluster
         self.path = path
@@ -41,18 +42,15 @@ class HealthChecker:
         self.timeout = timeout
         self.rise = rise
         self.fall = fall
-        self.request = (
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
-            "User-Agent: pyramid_lb-health-check\r\n"
-            "Accept: application/health+json, */*\r\n\r\n"
-        ).encode()
+        self.request = _probe_request(path, host)
+        self.liveness_request = _probe_request(liveness_path, host)
         self._pools: dict[Backend, Pool] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._executor = ThreadPoolExecutor(8, thread_name_prefix="pyramid_lb-check")
 
-    def probe(self, backend: Backend) -> tuple[bool, str]:
-        """One probe: whether it passed, and what was seen."""
+    def probe(self, backend: Backend, request: bytes | None = None) -> tuple[bool, str]:
+        """One probe (of readiness unless told): passed?, and what was seen."""
         pool = self._pools.get(backend)
         if pool is None:
             pool = self._pools[backend] = Pool(
@@ -60,7 +58,7 @@ class HealthChecker:
             )
         started = time.monotonic()
         try:
-            response = exchange(pool, self.request, replayable=True)
+            response = exchange(pool, request or self.request, replayable=True)
         except UpstreamError as exc:
             pool.clear()
             return False, str(exc)
@@ -93,10 +91,22 @@ class HealthChecker:
             if backend.state == UP and backend.fails >= self.fall:
                 self.cluster.set_state(backend, DOWN, f"health check: {detail}")
 
+    def probe_liveness(self, backend: Backend) -> None:
+        passed, detail = self.probe(backend, self.liveness_request)
+        backend.live_fails = 0 if passed else backend.live_fails + 1
+        if not passed:
+            log.warning("instance %s: liveness check failed: %s", backend.name, detail)
+
+    def _check(self, backend: Backend) -> tuple[bool, str]:
+        outcome = self.probe(backend)
+        if backend.check_liveness:
+            self.probe_liveness(backend)
+        return outcome
+
     def check_all(self) -> None:
         """Probe every backend once, concurrently, and record the outcomes."""
         backends = list(self.cluster.backends)
-        outcomes = self._executor.map(self.probe, backends)
+        outcomes = self._executor.map(self._check, backends)
         for backend, (passed, detail) in zip(backends, outcomes, strict=True):
             self.record(backend, passed, detail)
         for gone in [b for b in self._pools if b not in backends]:
@@ -124,3 +134,11 @@ class HealthChecker:
         self._executor.shutdown(wait=False, cancel_futures=True)
         for pool in self._pools.values():
             pool.clear()
+
+
+def _probe_request(path: str, host: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+        "User-Agent: pyramid_lb-health-check\r\n"
+        "Accept: application/health+json, */*\r\n\r\n"
+    ).encode()

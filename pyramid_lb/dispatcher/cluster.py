@@ -65,6 +65,10 @@ class Backend:
         self.passes = 0  # consecutive
         self.fails = 0  # consecutive
         self.last_check = None
+        #: Spawned instances are also probed for liveness; a hung one (its
+        #: liveness failing ``fall`` times) is killed and restarted.
+        self.check_liveness = False
+        self.live_fails = 0  # consecutive
         self._lock = threading.Lock()
 
     def started(self) -> None:
@@ -130,7 +134,7 @@ class Cluster:
             self.backends = backends
             self.version += 1
             self._stale = True
-        backend.pool.clear()
+        backend.pool.close()
 
     def set_weight(self, backend: Backend, weight: int) -> None:
         """Change ``backend``'s share of the requests."""

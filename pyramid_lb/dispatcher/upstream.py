@@ -116,6 +116,9 @@ class Pool:
         self.read_timeout = read_timeout
         self._timeval = _timeval(read_timeout)
         self._idle: list[socket.socket] = []
+        #: Set when the instance is gone for good: connections still out are
+        #: closed when they come back instead of kept.
+        self.closed = False
 
     def connect(self) -> socket.socket:
         try:
@@ -157,10 +160,15 @@ class Pool:
             return sock, True
 
     def give_back(self, sock: socket.socket) -> None:
-        if len(self._idle) < self.max_idle:
+        if len(self._idle) < self.max_idle and not self.closed:
             self._idle.append(sock)
         else:
             sock.close()
+
+    def close(self) -> None:
+        """Close every idle connection, and each one that comes back later."""
+        self.closed = True
+        self.clear()
 
     def clear(self) -> None:
         """Close every idle connection (the instance went away)."""

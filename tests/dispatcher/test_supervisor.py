@@ -1,0 +1,434 @@
+"""Spawned instances under the dispatcher: real processes, real signals."""
+
+import os
+import random
+import re
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor as ThreadPool
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.processes import BIN, wait_until
+
+INI = """
+[app:main]
+use = egg:pyramid_lb#demo_app
+pyramid.includes = pyramid_lb
+pyramid_lb.trusted_proxies = 127.0.0.1 ::1
+demo.session_secret = test-secret
+demo.warmup = {warmup}
+
+[server:main]
+use = egg:waitress#main
+host = 127.0.0.1
+get port = http_port
+clear_untrusted_proxy_headers = false
+
+[app:dispatcher]
+use = egg:pyramid_lb#dispatcher
+instances = {instances}
+base_port = {base_port}
+health_check_interval = 0.1
+health_check_timeout = 1
+rise = 1
+fall = 2
+startup_timeout = {startup_timeout}
+max_restarts = {max_restarts}
+drain_timeout = 5
+stop_timeout = 5
+
+[server:dispatcher]
+use = egg:waitress#main
+listen = 127.0.0.1:0
+threads = 16
+
+[DEFAULT]
+http_port = 6543
+
+[loggers]
+keys = root
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = INFO
+handlers = console
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+formatter = generic
+
+[formatter_generic]
+format = %(levelname)s [%(name)s] %(message)s
+"""
+
+
+def free_base_port(count: int = 12) -> int:
+    """The first of ``count`` ports in a row that are free right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free range of ports")
+
+
+def write_ini(tmp_path: Path, **options) -> Path:
+    values = dict(
+        warmup=0, instances=3, startup_timeout=15, max_restarts=5, base_port=0
+    )
+    values.update(options)
+    if not values["base_port"]:
+        values["base_port"] = free_base_port()
+    path = tmp_path / "site.ini"
+    path.write_text(INI.format(**values))
+    return path
+
+
+def serve(processes, ini, *args, command="pyramid-lb"):
+    """Start the dispatcher; wait until all its instances take requests."""
+    if command == "pyramid-lb":
+        argv = [BIN / "pyramid-lb", "serve", ini, *args]
+    else:
+        argv = [BIN / "pserve", f"{ini}#dispatcher", "--server-name", "dispatcher"]
+    process = processes.start(argv, name="dispatcher")
+    url = f"http://127.0.0.1:{process.port()}"
+    return process, url
+
+
+def stats(url):
+    return requests.get(url + "/_lb/stats.json", timeout=10).json()["instances"]
+
+
+def all_up(url, count):
+    instances = stats(url)
+    return len(instances) == count and all(i["state"] == "up" for i in instances)
+
+
+def who(url, count, session=None):
+    session = session or requests
+    return [session.get(url + "/whoami", timeout=10).json() for _ in range(count)]
+
+
+def children(pid):
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("command", ["pyramid-lb", "pserve"])
+def test_spawns_instances_that_take_turns(processes, tmp_path, command):
+    ini = write_ini(tmp_path)
+    process, url = serve(processes, ini, command=command)
+    wait_until(lambda: all_up(url, 3), timeout=20)
+    seen = who(url, 6)
+    pids = [w["pid"] for w in seen]
+    assert len(set(pids)) == 3
+    assert pids[:3] == pids[3:]
+    assert {w["client_addr"] for w in seen} == {"127.0.0.1"}
+    instances = {i["id"]: i for i in stats(url)}
+    assert (
+        {w["instance"] for w in seen}
+        == set(instances)
+        == {
+            "site-1",
+            "site-2",
+            "site-3",
+        }
+    )
+    assert {i["pid"] for i in instances.values()} == set(pids)
+    output = process.output()
+    assert "site-1 | " in output  # instance output, prefixed with its id
+
+
+def test_command_line_overrides_instances_and_port(processes, tmp_path):
+    ini = write_ini(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = processes.start(
+        [BIN / "pyramid-lb", "serve", ini, "--instances", "2", "--port", str(port)]
+    )
+    url = f"http://127.0.0.1:{process.port()}"
+    assert url.endswith(f":{port}")
+    wait_until(lambda: all_up(url, 2), timeout=20)
+
+
+def steady(url, stop, results, path="/whoami"):
+    with requests.Session() as session:
+        while not stop.is_set():
+            try:
+                response = session.get(url + path, timeout=10)
+                results.append((response.status_code, response.text))
+            except requests.RequestException as exc:
+                results.append((type(exc).__name__, str(exc)))
+
+
+class Load:
+    """A few clients sending requests until stopped."""
+
+    def __init__(self, url, clients=3, path="/whoami"):
+        self.stop = threading.Event()
+        self.results = []
+        self.threads = [
+            threading.Thread(target=steady, args=(url, self.stop, self.results, path))
+            for _ in range(clients)
+        ]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(15)
+
+    def failures(self):
+        return [r for r in self.results if r[0] != 200]
+
+
+def test_kill_9_under_load_fails_nothing_and_comes_back(processes, tmp_path):
+    ini = write_ini(tmp_path)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 3), timeout=20)
+    victim = stats(url)[0]
+    with Load(url, path="/slow?ms=20") as load:
+        time.sleep(0.3)
+        os.kill(victim["pid"], signal.SIGKILL)
+        back = wait_until(
+            lambda: [
+                i
+                for i in stats(url)
+                if i["id"] == victim["id"]
+                and i["state"] == "up"
+                and i["pid"] != victim["pid"]
+            ],
+            timeout=10,
+        )
+        time.sleep(0.3)
+    assert len(load.results) > 30
+    assert load.failures() == []
+    assert back[0]["restarts"] == 1
+    assert "restarting it in" in process.output()
+
+
+def test_instance_exiting_at_once_backs_off_then_fails(processes, tmp_path):
+    ini = write_ini(tmp_path, instances=1, max_restarts=3)
+    ini.write_text(ini.read_text().replace("demo.warmup = 0", "demo.warmup = -1"))
+    process, url = serve(processes, ini)
+    cpu_before = cpu_seconds(process.pid)
+    started = time.monotonic()
+    process.wait_for_output(r"instance site-1 failed: exited with code 1", timeout=30)
+    elapsed = time.monotonic() - started
+    output = process.output()
+    delays = [float(d) for d in re.findall(r"restarting it in ([\d.]+)s", output)]
+    assert len(delays) == 3
+    assert delays == sorted(delays)  # backing off
+    assert delays[-1] > 1.5
+    assert "demo.warmup = '-1' is not valid" in output  # its last words
+    assert stats(url)[0]["state"] == "failed"
+    # No busy loop: the dispatcher itself used little CPU meanwhile.
+    assert cpu_seconds(process.pid) - cpu_before < 0.5 * elapsed
+    assert requests.get(url + "/whoami", timeout=10).status_code == 503
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_rolling_restart_under_load_replaces_every_pid(processes, tmp_path):
+    ini = write_ini(tmp_path)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 3), timeout=20)
+    before = {i["pid"] for i in stats(url)}
+    with Load(url, path="/slow?ms=20") as load:
+        time.sleep(0.2)
+        process.signal(signal.SIGHUP)
+        process.wait_for_output("rolling restart done", timeout=60)
+        time.sleep(0.2)
+    after = stats(url)
+    assert len(after) == 3 and all(i["state"] == "up" for i in after)
+    assert before.isdisjoint(i["pid"] for i in after)
+    assert not any(alive(pid) for pid in before)
+    assert len(load.results) > 30
+    assert load.failures() == []
+    served_by = {r[1] for r in load.results}
+    assert len(served_by) > 3
+
+
+def test_rolling_restart_with_a_broken_replacement_keeps_the_old(processes, tmp_path):
+    ini = write_ini(tmp_path, startup_timeout=3)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 3), timeout=20)
+    before = {i["pid"] for i in stats(url)}
+    # A deploy of code that never gets ready.
+    ini.write_text(ini.read_text().replace("demo.warmup = 0", "demo.warmup = 600"))
+    with Load(url) as load:
+        reply = requests.post(
+            url + "/_lb/reload", headers={"X-Requested-With": "test"}, timeout=10
+        )
+        assert reply.status_code == 202
+        process.wait_for_output("rolling restart stopped", timeout=30)
+    assert {i["pid"] for i in stats(url)} == before
+    assert load.failures() == []
+    assert len(stats(url)) == 3
+
+
+def test_sigterm_lets_a_slow_request_finish_then_stops_everything(processes, tmp_path):
+    ini = write_ini(tmp_path, instances=2)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 2), timeout=20)
+    instances = children(process.pid)
+    assert len(instances) == 2
+    with ThreadPool() as pool:
+        slow = pool.submit(requests.get, url + "/slow?ms=1500", timeout=10)
+        time.sleep(0.3)
+        process.signal(signal.SIGTERM)
+        response = slow.result()
+    assert response.status_code == 200
+    assert process.wait(15) == 0
+    wait_until(lambda: not any(alive(pid) for pid in instances), timeout=10)
+
+
+def test_sigkill_leaves_no_instance_behind(processes, tmp_path):
+    ini = write_ini(tmp_path, instances=2)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 2), timeout=20)
+    instances = children(process.pid)
+    assert len(instances) == 2
+    process.signal(signal.SIGKILL)
+    wait_until(lambda: not any(alive(pid) for pid in instances), timeout=5)
+
+
+def test_scale_up_and_down(processes, tmp_path):
+    ini = write_ini(tmp_path, instances=1)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 1), timeout=20)
+    scale = subprocess_run([BIN / "pyramid-lb", "scale", url, "3"])
+    assert scale.returncode == 0, scale.stderr
+    assert "3 instances (+2)" in scale.stdout
+    wait_until(lambda: all_up(url, 3), timeout=20)
+    reply = requests.post(
+        url + "/_lb/scale?instances=1", headers={"X-Requested-With": "t"}, timeout=10
+    )
+    assert reply.json() == {"instances": 1, "change": -2}
+    wait_until(lambda: len(stats(url)) == 1, timeout=20)
+    assert len(children(process.pid)) == 1
+
+
+def test_reload_command(processes, tmp_path):
+    ini = write_ini(tmp_path, instances=1)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 1), timeout=20)
+    before = stats(url)[0]["pid"]
+    reload = subprocess_run([BIN / "pyramid-lb", "reload", url])
+    assert reload.returncode == 0, reload.stderr
+    process.wait_for_output("rolling restart done", timeout=30)
+    assert stats(url)[0]["pid"] != before
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        pytest.param(
+            lambda ini: ["missing.ini"], "missing.ini: no such file", id="file"
+        ),
+        pytest.param(
+            lambda ini: [
+                ini.write_text(ini.read_text().replace("rise = 1", "rise = lots"))
+                and ini
+            ],
+            "rise = 'lots' is not valid",
+            id="bad key",
+        ),
+    ],
+)
+def test_errors_are_one_clear_line(processes, tmp_path, make_args, message):
+    ini = write_ini(tmp_path)
+    result = subprocess_run([BIN / "pyramid-lb", "serve", *make_args(ini)])
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_port_in_use_is_one_clear_line(tmp_path):
+    ini = write_ini(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess_run([BIN / "pyramid-lb", "serve", ini, "--port", str(port)])
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def subprocess_run(argv):
+    import subprocess
+
+    return subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_hung_instance_is_killed_and_restarted(processes, tmp_path):
+    ini = write_ini(tmp_path, instances=1)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 1), timeout=20)
+    hung = stats(url)[0]
+    port = hung["url"].rsplit(":", 1)[1]
+    # Every one of its 4 waitress threads busy for a minute: it answers
+    # nothing, not even its liveness check.
+    blockers = ThreadPool(6)
+    for _ in range(6):
+        blockers.submit(
+            lambda: requests.get(f"http://127.0.0.1:{port}/slow?ms=60000", timeout=70)
+        )
+    try:
+        process.wait_for_output(r"instance site-1 hung: its liveness check failed")
+        wait_until(
+            lambda: stats(url)[0]["pid"] != hung["pid"] and all_up(url, 1), timeout=15
+        )
+    finally:
+        blockers.shutdown(wait=False, cancel_futures=True)
+    assert not alive(hung["pid"])
