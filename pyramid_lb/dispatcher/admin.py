@@ -53,6 +53,9 @@ class Admin:
             if method not in ("GET", "HEAD"):
                 return _problem(start_response, "405 Method Not Allowed", "use GET")
             return _json(start_response, "200 OK", self.stats())
+        action = self._action(path, environ)
+        if action is None:
+            return _problem(start_response, "404 Not Found", f"nothing at {path}")
         if method != "POST":
             return _problem(start_response, "405 Method Not Allowed", "use POST")
         if not environ.get("HTTP_X_REQUESTED_WITH"):
@@ -61,17 +64,20 @@ class Admin:
                 "403 Forbidden",
                 "admin actions need an X-Requested-With header",
             )
-        params = {
-            k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()
-        }
+        return action(start_response)
+
+    def _action(self, path: str, environ):
+        """The action at ``path``, ready to run, or None."""
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        params = {key: values[-1] for key, values in query.items()}
         if path == "/reload":
-            return self.reload(start_response)
+            return self.reload
         if path == "/scale":
-            return self.scale(start_response, params.get("instances", ""))
+            return lambda start: self.scale(start, params.get("instances", ""))
         parts = path.strip("/").split("/")
         if len(parts) == 3 and parts[0] == "instances":
-            return self.instance_action(start_response, parts[1], parts[2])
-        return _problem(start_response, "404 Not Found", f"no admin action {path}")
+            return lambda start: self.instance_action(start, parts[1], parts[2])
+        return None
 
     # -- reading ---------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 """Spawned instances under the dispatcher: real processes, real signals."""
 
+import http.client
+import json
 import os
 import random
 import re
@@ -129,6 +131,17 @@ def who(url, count, session=None):
     return [session.get(url + "/whoami", timeout=10).json() for _ in range(count)]
 
 
+def from_another_address(url):
+    """GET /whoami from 127.0.0.2, so only forwarded headers can tell it."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), source_address=("127.0.0.2", 0))
+    try:
+        conn.request("GET", "/whoami")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def children(pid):
     """Processes whose parent is ``pid`` (Linux /proc)."""
     found = []
@@ -157,11 +170,12 @@ def test_spawns_instances_that_take_turns(processes, tmp_path, command):
     ini = write_ini(tmp_path)
     process, url = serve(processes, ini, command=command)
     wait_until(lambda: all_up(url, 3), timeout=20)
-    seen = who(url, 6)
+    seen = [from_another_address(url) for _ in range(6)]
     pids = [w["pid"] for w in seen]
     assert len(set(pids)) == 3
     assert pids[:3] == pids[3:]
-    assert {w["client_addr"] for w in seen} == {"127.0.0.1"}
+    # The client's own address, not the dispatcher's 127.0.0.1.
+    assert {w["client_addr"] for w in seen} == {"127.0.0.2"}
     instances = {i["id"]: i for i in stats(url)}
     assert (
         {w["instance"] for w in seen}
