@@ -21,6 +21,8 @@ test: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	rm -f .coverage .coverage.*
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	@# a process the tests SIGKILL leaves an empty data file behind
+	find . -maxdepth 1 -name '.coverage.*' -empty -delete
 	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
 
