@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 from pyramid.session import SignedCookieSessionFactory
 
+from pyramid_lb.affinity import AffinityMoved
 from pyramid_lb.settings import Setting, SettingsError, parse, seconds, text
+
+log = logging.getLogger(__name__)
 
 #: The demo's own settings, checked like pyramid_lb's.
 SETTINGS = (
@@ -25,6 +29,18 @@ SETTINGS = (
         "Seconds the app pretends to warm up; readiness fails until then.",
     ),
 )
+
+
+def on_affinity_moved(event) -> None:
+    """A pinned client's instance went away and it landed here instead.
+
+    An app keeping state per instance would rebuild it here; the demo only
+    says so (and shows it in /whoami).
+    """
+    log.info(
+        "client pinned to %s moved to %s", event.previous, event.request.lb_instance
+    )
+    event.request.environ["demo.moved_from"] = event.previous
 
 
 class Warmup:
@@ -59,6 +75,7 @@ def main(global_config, **settings):
             SignedCookieSessionFactory(secret, httponly=True, samesite="Lax")
         )
         config.add_health_check("warmup", Warmup(options["demo.warmup"]))
+        config.add_subscriber(on_affinity_moved, AffinityMoved)
         config.add_route("home", "/")
         config.add_route("whoami", "/whoami")
         config.add_route("hello", "/hello")

@@ -42,6 +42,7 @@ def who(request) -> dict:
         "host_url": request.host_url,
         "application_url": request.application_url,
         "visits": session["visits"],
+        "moved_from": request.environ.get("demo.moved_from"),
     }
 
 

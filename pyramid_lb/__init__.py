@@ -23,7 +23,11 @@ def includeme(config: Configurator) -> None:
       ``pyramid_lb.ready_path``), answered by a tween right under it, so no
       route, traversal resource or authentication policy can shadow them;
     - the ``config.add_health_check(...)`` directive;
-    - ``request.lb_instance``, this instance's id.
+    - ``request.lb_instance``, this instance's id;
+    - a tween under the health one that sets the affinity cookie as
+      ``pyramid_lb.affinity`` says, and ``request.lb_pin()`` and
+      ``request.lb_unpin()`` to set or delete it explicitly (see
+      :mod:`pyramid_lb.affinity`).
     """
     if config.registry.queryUtility(IHealth) is not None:
         return  # already included: including twice is harmless
@@ -33,7 +37,8 @@ def includeme(config: Configurator) -> None:
         raise ConfigurationError(str(exc)) from None
     config.get_settings().update(values)
 
-    from pyramid_lb import forwarded, health
+    from pyramid_lb import affinity, forwarded, health
 
     forwarded.includeme(config)
     health.includeme(config)
+    affinity.includeme(config)

@@ -360,10 +360,45 @@ HEALTH_SETTINGS = (
     ),
 )
 
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def cookie_name(value: Any) -> str:
+    """A cookie name (an HTTP token)."""
+    name = str(value).strip()
+    if not _COOKIE_NAME.fullmatch(name):
+        raise ValueError("expected a cookie name: letters, digits and !#$%&'*+-.^_`|~")
+    return name
+
+
+AFFINITY_SETTINGS = (
+    Setting(
+        "affinity",
+        one_of("session", "always", "off"),
+        "off",
+        "When the add-on pins a client to this instance with the affinity "
+        "cookie: `session` (once the app's session holds data), `always`, or "
+        "`off` (only `request.lb_pin()` does).",
+    ),
+    Setting(
+        "affinity_cookie",
+        cookie_name,
+        "lb_affinity",
+        "Name of the affinity cookie; the same as the dispatcher's.",
+    ),
+    Setting(
+        "affinity_secret",
+        optional(text),
+        None,
+        "Secret that signs the affinity cookie, the same as the dispatcher's "
+        "`affinity_secret`. Needed for any pinning.",
+    ),
+)
+
 ADDON_PREFIX = "pyramid_lb."
 
 #: Every ``pyramid_lb.*`` key of the add-on.
-ADDON_SETTINGS = HEALTH_SETTINGS + FORWARDED_SETTINGS
+ADDON_SETTINGS = HEALTH_SETTINGS + FORWARDED_SETTINGS + AFFINITY_SETTINGS
 
 
 def check_forwarded(values: Mapping[str, Any], prefix: str = "") -> None:
@@ -404,6 +439,12 @@ def parse_addon(
             ) from None
         values[key] = AddressSet.parse(f"{values[key]} {added}")
     check_forwarded(values, ADDON_PREFIX)
+    mode = values[ADDON_PREFIX + "affinity"]
+    if mode != "off" and not values[ADDON_PREFIX + "affinity_secret"]:
+        raise SettingsError(
+            f"{ADDON_PREFIX}affinity = {mode!r} needs {ADDON_PREFIX}affinity_secret "
+            "(the secret the dispatcher shares, to sign the cookie)"
+        )
     return values
 
 
@@ -631,6 +672,26 @@ DISPATCHER_SETTINGS = (
         "Clients allowed to use `/_lb/` (stats and admin actions); others get 403.",
     ),
     Setting(
+        "sticky",
+        one_of("off", "cookie", "insert"),
+        "off",
+        "Session affinity: `cookie` honours the affinity cookie the add-on "
+        "sets; `insert` sets and reads it here, for apps without the add-on.",
+    ),
+    Setting(
+        "affinity_cookie",
+        cookie_name,
+        "lb_affinity",
+        "Name of the affinity cookie; the same as the add-on's.",
+    ),
+    Setting(
+        "affinity_secret",
+        optional(text),
+        None,
+        "Secret that signs the affinity cookie, the same as the add-on's "
+        "`pyramid_lb.affinity_secret`.",
+    ),
+    Setting(
         "via_name",
         optional(text),
         None,
@@ -642,7 +703,13 @@ DISPATCHER_SETTINGS = (
 
 def parse_dispatcher(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Parse the keys of an ``[app:dispatcher]`` section."""
-    return parse(DISPATCHER_SETTINGS, raw)
+    values = parse(DISPATCHER_SETTINGS, raw)
+    if values["sticky"] != "off" and not values["affinity_secret"]:
+        raise SettingsError(
+            f"sticky = {values['sticky']!r} needs affinity_secret (the secret "
+            "that signs the affinity cookie)"
+        )
+    return values
 
 
 def reference_blocks() -> dict[str, str]:

@@ -147,12 +147,12 @@ def test_write_readme_fills_and_refreshes_blocks(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(
         "intro\n<!-- settings:addon -->\n<!-- /settings:addon -->\nmiddle\n"
-        "<!-- settings:dispatcher -->\nold\n<!-- /settings:dispatcher -->\nend\n"
+        "<!-- settings:dispatcher -->\nSTALE\n<!-- /settings:dispatcher -->\nend\n"
     )
     settings.write_readme(str(readme))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\nend\n")
-    assert "middle" in text and "old" not in text
+    assert "middle" in text and "STALE" not in text
     assert settings.reference_blocks()["dispatcher"] in text
     settings.write_readme(str(readme))
     assert readme.read_text() == text

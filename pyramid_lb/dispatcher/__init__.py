@@ -13,6 +13,7 @@ from pyramid_lb.dispatcher.balancer import make_strategy
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
 from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
+from pyramid_lb.dispatcher.sticky import Sticky
 from pyramid_lb.dispatcher.supervisor import Supervisor
 from pyramid_lb.settings import SettingsError, parse_dispatcher
 
@@ -45,6 +46,14 @@ class Dispatcher:
         if settings["strategy"] == "hash":
             options = dict(key=settings["hash_key"], balance=settings["hash_balance"])
         self.strategy = make_strategy(settings["strategy"], self.cluster, **options)
+        sticky = None
+        if settings["sticky"] != "off":
+            sticky = Sticky(
+                self.cluster,
+                settings["affinity_cookie"],
+                settings["affinity_secret"],
+                insert=settings["sticky"] == "insert",
+            )
         self.proxy = Proxy(
             self.cluster,
             self.strategy,
@@ -53,6 +62,7 @@ class Dispatcher:
             max_body_size=settings["max_body_size"],
             name=settings["via_name"],
             retry_after=max(1, round(settings["health_check_interval"])),
+            sticky=sticky,
         )
         self.checker = HealthChecker(
             self.cluster,

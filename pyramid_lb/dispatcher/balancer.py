@@ -14,6 +14,7 @@ import random
 import threading
 from collections.abc import Sequence
 
+from pyramid_lb.affinity_cookie import cookie_value
 from pyramid_lb.dispatcher.cluster import Backend, Cluster
 
 STRATEGIES = (
@@ -138,21 +139,7 @@ def key_function(spec: str):
             key = key[5:]
         return lambda environ: environ.get(key)
     if kind == "cookie" and name:
-
-        def cookie(environ):
-            header = environ.get("HTTP_COOKIE")
-            if not header or name not in header:
-                return None
-            # Split by hand: SimpleCookie drops every cookie of the header
-            # when any other one is malformed (a space or a quote in some
-            # tracker's value), which would unstick those clients.
-            for pair in header.split(";"):
-                key, equals, value = pair.partition("=")
-                if equals and key.strip() == name:
-                    return value.strip()
-            return None
-
-        return cookie
+        return lambda environ: cookie_value(environ.get("HTTP_COOKIE"), name)
     raise ValueError(
         f"{spec!r} is not a hash key; expected client, path, cookie:NAME or header:NAME"
     )

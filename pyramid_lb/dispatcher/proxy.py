@@ -170,6 +170,7 @@ class Proxy:
         max_body_size: int = 1 << 30,
         name: str | None = None,
         retry_after: int = 1,
+        sticky=None,
     ):
         self.cluster = cluster
         self.strategy = strategy
@@ -177,6 +178,8 @@ class Proxy:
         self.budget = retry_budget or RetryBudget()
         self.max_body_size = max_body_size
         self.retry_after = str(retry_after)
+        #: A :class:`~pyramid_lb.dispatcher.sticky.Sticky`, for session affinity.
+        self.sticky = sticky
         # The Via pseudonym: a request arriving with it already passed here.
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.via = f"1.1 {self.name} (pyramid_lb)"
@@ -263,15 +266,22 @@ class Proxy:
             body = Body(environ["wsgi.input"], length) if length else NO_BODY
         except ValueError as exc:
             return error_response(start_response, 400, str(exc))
+        # Before the head is built: in insert mode it takes its cookie out.
+        pinned, pin = self.sticky.pinned(environ) if self.sticky else (None, None)
         head = self.request_head(environ, request_id)
         if length or environ["REQUEST_METHOD"] in ("POST", "PUT", "PATCH"):
             head += b"Content-Length: %d\r\n" % length
         head += b"\r\n"
-        return self.forward(environ, start_response, head, body, request_id)
+        return self.forward(
+            environ, start_response, head, body, request_id, pinned, pin
+        )
 
     # -- forwarding and retries -----------------------------------------------
 
-    def forward(self, environ, start_response, head, body, request_id):
+    def forward(
+        self, environ, start_response, head, body, request_id, pinned=None, pin=None
+    ):
+        """Send the request to an instance (``pinned`` first), retrying safely."""
         method = environ["REQUEST_METHOD"]
         idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
         head_only = method == "HEAD"
@@ -281,9 +291,11 @@ class Proxy:
         error: UpstreamError | None = None
         reached = False  # whether any instance could be connected to
         while True:
-            backend = choose(environ, tried)
+            backend = pinned if pinned is not None and not tried else None
             if backend is None:
-                break
+                backend = choose(environ, tried)
+                if backend is None:
+                    break
             if tried:
                 backend.retries += 1
             tried.append(backend)
@@ -326,7 +338,12 @@ class Proxy:
                     response.close()
                 backend.finished()
                 raise
-            return self.respond(start_response, backend, response, small, request_id)
+            cookie = (
+                self.sticky.cookie_for(environ, backend, pin) if self.sticky else None
+            )
+            return self.respond(
+                start_response, backend, response, small, request_id, cookie
+            )
         if error is None or not reached:
             return error_response(
                 start_response,
@@ -345,6 +362,7 @@ class Proxy:
         response: Response,
         small: bytes | None,
         request_id: str,
+        cookie: str | None = None,
     ):
         status = response.status
         if status >= 500:
@@ -355,6 +373,11 @@ class Proxy:
         headers.append(("Via", self.via))
         if response.request_id is None:
             headers.append(("X-Request-ID", request_id))
+        if cookie is not None:
+            headers.append(("Set-Cookie", cookie))
+            # A shared cache must not hand this client's pin to others.
+            if not any(name.lower() == "cache-control" for name, _ in headers):
+                headers.append(("Cache-Control", "private"))
         reason = response.reason.decode("latin-1")
         if not reason:
             try:

@@ -1,168 +1,28 @@
 """Spawned instances under the dispatcher: real processes, real signals."""
 
-import http.client
-import json
 import os
-import random
 import re
 import signal
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor as ThreadPool
-from pathlib import Path
 
 import pytest
 import requests
 
+from tests.dispatcher.site import (
+    Load,
+    alive,
+    all_up,
+    children,
+    cpu_seconds,
+    from_another_address,
+    serve,
+    stats,
+    subprocess_run,
+    write_ini,
+)
 from tests.processes import BIN, wait_until
-
-INI = """
-[app:main]
-use = egg:pyramid_lb#demo_app
-pyramid.includes = pyramid_lb
-pyramid_lb.trusted_proxies = 127.0.0.1 ::1
-demo.session_secret = test-secret
-demo.warmup = {warmup}
-
-[server:main]
-use = egg:waitress#main
-host = 127.0.0.1
-get port = http_port
-clear_untrusted_proxy_headers = false
-
-[app:dispatcher]
-use = egg:pyramid_lb#dispatcher
-instances = {instances}
-base_port = {base_port}
-health_check_interval = 0.1
-health_check_timeout = 1
-rise = 1
-fall = 2
-startup_timeout = {startup_timeout}
-max_restarts = {max_restarts}
-drain_timeout = 5
-stop_timeout = 5
-
-[server:dispatcher]
-use = egg:waitress#main
-listen = 127.0.0.1:0
-threads = 16
-
-[DEFAULT]
-http_port = 6543
-
-[loggers]
-keys = root
-
-[handlers]
-keys = console
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = INFO
-handlers = console
-
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-formatter = generic
-
-[formatter_generic]
-format = %(levelname)s [%(name)s] %(message)s
-"""
-
-
-def free_base_port(count: int = 12) -> int:
-    """The first of ``count`` ports in a row that are free right now."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free range of ports")
-
-
-def write_ini(tmp_path: Path, **options) -> Path:
-    values = dict(
-        warmup=0, instances=3, startup_timeout=15, max_restarts=5, base_port=0
-    )
-    values.update(options)
-    if not values["base_port"]:
-        values["base_port"] = free_base_port()
-    path = tmp_path / "site.ini"
-    path.write_text(INI.format(**values))
-    return path
-
-
-def serve(processes, ini, *args, command="pyramid-lb"):
-    """Start the dispatcher; wait until all its instances take requests."""
-    if command == "pyramid-lb":
-        argv = [BIN / "pyramid-lb", "serve", ini, *args]
-    else:
-        argv = [BIN / "pserve", f"{ini}#dispatcher", "--server-name", "dispatcher"]
-    process = processes.start(argv, name="dispatcher")
-    url = f"http://127.0.0.1:{process.port()}"
-    return process, url
-
-
-def stats(url):
-    return requests.get(url + "/_lb/stats.json", timeout=10).json()["instances"]
-
-
-def all_up(url, count):
-    instances = stats(url)
-    return len(instances) == count and all(i["state"] == "up" for i in instances)
-
-
-def who(url, count, session=None):
-    session = session or requests
-    return [session.get(url + "/whoami", timeout=10).json() for _ in range(count)]
-
-
-def from_another_address(url):
-    """GET /whoami from 127.0.0.2, so only forwarded headers can tell it."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), source_address=("127.0.0.2", 0))
-    try:
-        conn.request("GET", "/whoami")
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
-
-
-def children(pid):
-    """Processes whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat")
-    return status.exists() and status.read_text().rpartition(")")[2].split()[0] != "Z"
 
 
 @pytest.mark.parametrize("command", ["pyramid-lb", "pserve"])
@@ -202,41 +62,6 @@ def test_command_line_overrides_instances_and_port(processes, tmp_path):
     url = f"http://127.0.0.1:{process.port()}"
     assert url.endswith(f":{port}")
     wait_until(lambda: all_up(url, 2), timeout=20)
-
-
-def steady(url, stop, results, path="/whoami"):
-    with requests.Session() as session:
-        while not stop.is_set():
-            try:
-                response = session.get(url + path, timeout=10)
-                results.append((response.status_code, response.text))
-            except requests.RequestException as exc:
-                results.append((type(exc).__name__, str(exc)))
-
-
-class Load:
-    """A few clients sending requests until stopped."""
-
-    def __init__(self, url, clients=3, path="/whoami"):
-        self.stop = threading.Event()
-        self.results = []
-        self.threads = [
-            threading.Thread(target=steady, args=(url, self.stop, self.results, path))
-            for _ in range(clients)
-        ]
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(15)
-
-    def failures(self):
-        return [r for r in self.results if r[0] != 200]
 
 
 def test_kill_9_under_load_fails_nothing_and_comes_back(processes, tmp_path):
@@ -282,11 +107,6 @@ def test_instance_exiting_at_once_backs_off_then_fails(processes, tmp_path):
     # No busy loop: the dispatcher itself used little CPU meanwhile.
     assert cpu_seconds(process.pid) - cpu_before < 0.5 * elapsed
     assert requests.get(url + "/whoami", timeout=10).status_code == 503
-
-
-def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_rolling_restart_under_load_replaces_every_pid(processes, tmp_path):
@@ -415,14 +235,6 @@ def test_port_in_use_is_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def subprocess_run(argv):
-    import subprocess
-
-    return subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=60
-    )
 
 
 def test_hung_instance_is_killed_and_restarted(processes, tmp_path):

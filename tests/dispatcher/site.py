@@ -1,0 +1,216 @@
+"""A site for dispatcher tests: an ini file with instances of the demo, served."""
+
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import requests
+
+from tests.processes import BIN
+
+INI = """
+[app:main]
+use = egg:pyramid_lb#demo_app
+pyramid.includes = pyramid_lb
+pyramid_lb.trusted_proxies = 127.0.0.1 ::1
+demo.session_secret = test-secret
+demo.warmup = {warmup}
+{app_extra}
+
+[server:main]
+use = egg:waitress#main
+host = 127.0.0.1
+get port = http_port
+clear_untrusted_proxy_headers = false
+
+[app:dispatcher]
+use = egg:pyramid_lb#dispatcher
+instances = {instances}
+base_port = {base_port}
+health_check_interval = 0.1
+health_check_timeout = 1
+rise = 1
+fall = 2
+startup_timeout = {startup_timeout}
+max_restarts = {max_restarts}
+drain_timeout = {drain_timeout}
+stop_timeout = 5
+{dispatcher_extra}
+
+[server:dispatcher]
+use = egg:waitress#main
+listen = 127.0.0.1:0
+threads = 16
+
+[DEFAULT]
+http_port = 6543
+
+[loggers]
+keys = root
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = INFO
+handlers = console
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+formatter = generic
+
+[formatter_generic]
+format = %(levelname)s [%(name)s] %(message)s
+"""
+
+
+def free_base_port(count: int = 12) -> int:
+    """The first of ``count`` ports in a row that are free right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free range of ports")
+
+
+def write_ini(tmp_path: Path, **options) -> Path:
+    values = dict(
+        warmup=0,
+        instances=3,
+        startup_timeout=15,
+        max_restarts=5,
+        base_port=0,
+        drain_timeout=5,
+        app_extra="",
+        dispatcher_extra="",
+    )
+    values.update(options)
+    if not values["base_port"]:
+        values["base_port"] = free_base_port()
+    path = tmp_path / "site.ini"
+    path.write_text(INI.format(**values))
+    return path
+
+
+def serve(processes, ini, *args, command="pyramid-lb"):
+    """Start the dispatcher; wait until all its instances take requests."""
+    if command == "pyramid-lb":
+        argv = [BIN / "pyramid-lb", "serve", ini, *args]
+    else:
+        argv = [BIN / "pserve", f"{ini}#dispatcher", "--server-name", "dispatcher"]
+    process = processes.start(argv, name="dispatcher")
+    url = f"http://127.0.0.1:{process.port()}"
+    return process, url
+
+
+def stats(url):
+    return requests.get(url + "/_lb/stats.json", timeout=10).json()["instances"]
+
+
+def all_up(url, count):
+    instances = stats(url)
+    return len(instances) == count and all(i["state"] == "up" for i in instances)
+
+
+def who(url, count, session=None):
+    session = session or requests
+    return [session.get(url + "/whoami", timeout=10).json() for _ in range(count)]
+
+
+def from_another_address(url):
+    """GET /whoami from 127.0.0.2, so only forwarded headers can tell it."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), source_address=("127.0.0.2", 0))
+    try:
+        conn.request("GET", "/whoami")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def children(pid):
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().rpartition(")")[2].split()[0] != "Z"
+
+
+def steady(url, stop, results, path="/whoami"):
+    with requests.Session() as session:
+        while not stop.is_set():
+            try:
+                response = session.get(url + path, timeout=10)
+                results.append((response.status_code, response.text))
+            except requests.RequestException as exc:
+                results.append((type(exc).__name__, str(exc)))
+
+
+class Load:
+    """A few clients sending requests until stopped."""
+
+    def __init__(self, url, clients=3, path="/whoami"):
+        self.stop = threading.Event()
+        self.results = []
+        self.threads = [
+            threading.Thread(target=steady, args=(url, self.stop, self.results, path))
+            for _ in range(clients)
+        ]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(15)
+
+    def failures(self):
+        return [r for r in self.results if r[0] != 200]
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def subprocess_run(argv):
+    return subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=60
+    )
