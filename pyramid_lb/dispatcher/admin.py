@@ -1,4 +1,4 @@
-"""The dispatcher's own endpoints under /_lb/: stats and admin actions.
+"""The dispatcher's own endpoints under /_lb/: dashboard, stats, metrics, actions.
 
 Answered only to clients in ``admin_allow`` (loopback by default) and never
 forwarded to an instance. Actions are POSTs that must carry an
@@ -11,21 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from importlib.resources import files
 from urllib.parse import parse_qs
 
 from pyramid_lb.dispatcher.cluster import DRAINING, FAILED, UP
+from pyramid_lb.dispatcher.stats import BUCKETS, CLASSES
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
 PREFIX = "/_lb"
 
 
-def _json(start_response, status: str, payload) -> list[bytes]:
-    body = json.dumps(payload, indent=1).encode()
+def _reply(start_response, status: str, body: bytes, content_type: str):
     start_response(
         status,
         [
-            ("Content-Type", "application/json"),
+            ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
         ],
@@ -33,8 +35,17 @@ def _json(start_response, status: str, payload) -> list[bytes]:
     return [body]
 
 
+def _json(start_response, status: str, payload) -> list[bytes]:
+    body = json.dumps(payload, indent=1).encode()
+    return _reply(start_response, status, body, "application/json")
+
+
 def _problem(start_response, status: str, message: str) -> list[bytes]:
     return _json(start_response, status, {"error": message})
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 class Admin:
@@ -43,16 +54,23 @@ class Admin:
     def __init__(self, dispatcher, allow):
         self.dispatcher = dispatcher
         self.allow = allow
+        self._dashboard: bytes | None = None
+        self._registry = None
 
     def __call__(self, environ, start_response):
         if environ.get("REMOTE_ADDR") not in self.allow:
             return _problem(start_response, "403 Forbidden", "not an allowed client")
         path = environ.get("PATH_INFO", "")[len(PREFIX) :]
         method = environ["REQUEST_METHOD"]
-        if path == "/stats.json":
+        page = {
+            "/": self.dashboard,
+            "/stats.json": lambda start: _json(start, "200 OK", self.stats()),
+            "/metrics": self.metrics,
+        }.get(path)
+        if page is not None:
             if method not in ("GET", "HEAD"):
                 return _problem(start_response, "405 Method Not Allowed", "use GET")
-            return _json(start_response, "200 OK", self.stats())
+            return page(start_response)
         action = self._action(path, environ)
         if action is None:
             return _problem(start_response, "404 Not Found", f"nothing at {path}")
@@ -82,10 +100,12 @@ class Admin:
     # -- reading ---------------------------------------------------------------
 
     def stats(self) -> dict:
+        """Everything the dashboard shows, for machines too."""
         dispatcher = self.dispatcher
+        supervisor = dispatcher.supervisor
         processes = {}
-        if dispatcher.supervisor is not None:
-            processes = {p["id"]: p for p in dispatcher.supervisor.describe()}
+        if supervisor is not None:
+            processes = {p["id"]: p for p in supervisor.describe()}
         instances = []
         for backend in list(dispatcher.cluster.backends):
             process = processes.get(backend.name, {})
@@ -95,6 +115,7 @@ class Admin:
             if process.get("failed"):
                 state = FAILED
             check = backend.last_check
+            p50, p99 = backend.tally.percentiles(0.5, 0.99)
             instances.append(
                 {
                     "id": backend.name,
@@ -108,15 +129,57 @@ class Admin:
                     "errors": backend.errors,
                     "retries": backend.retries,
                     "restarts": process.get("restarts", 0),
+                    "ejections": backend.ejections_total,
+                    "p50_ms": _ms(p50),
+                    "p99_ms": _ms(p99),
+                    "statuses": dict(zip(CLASSES, backend.tally.classes, strict=True)),
                     "last_check": check
                     and {"time": check[0], "passed": check[1], "detail": check[2]},
                 }
             )
+        proxy = dispatcher.proxy
+        # The budget counts in monotonic seconds; the chart wants wall time.
+        offset = round(time.time() - time.monotonic())
+        history = [(second + offset, n) for second, n in proxy.budget.history()]
         return {
+            "time": time.time(),
             "strategy": dispatcher.settings["strategy"],
+            "sticky": dispatcher.settings["sticky"],
             "panic": dispatcher.cluster.panic,
+            "supervised": supervisor is not None,
+            "rolling": supervisor is not None and supervisor.rolling,
+            "totals": {
+                "instances": len(instances),
+                "up": sum(1 for i in instances if i["state"] == UP),
+                "in_flight": sum(i["in_flight"] for i in instances),
+                "requests": sum(i["requests"] for i in instances),
+                "errors": sum(i["errors"] for i in instances),
+                "retries": sum(i["retries"] for i in instances),
+                "unrouted": proxy.unrouted.count,
+                "rate": history[-1][1] if history else 0,
+            },
+            "rate": history,
             "instances": instances,
         }
+
+    def dashboard(self, start_response):
+        if self._dashboard is None:
+            page = files("pyramid_lb.dispatcher").joinpath("dashboard.html")
+            self._dashboard = page.read_bytes()
+        return _reply(
+            start_response, "200 OK", self._dashboard, "text/html; charset=utf-8"
+        )
+
+    def metrics(self, start_response):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(Metrics(self.dispatcher))
+        body = generate_latest(self._registry)
+        return _reply(start_response, "200 OK", body, CONTENT_TYPE_LATEST)
 
     # -- acting ----------------------------------------------------------------
 
@@ -125,6 +188,10 @@ class Admin:
         if supervisor is None:
             return _problem(
                 start_response, "409 Conflict", "this dispatcher spawns no instances"
+            )
+        if supervisor.rolling:
+            return _problem(
+                start_response, "409 Conflict", "a rolling restart is under way"
             )
         threading.Thread(target=supervisor.rolling_restart, daemon=True).start()
         return _json(start_response, "202 Accepted", {"rolling_restart": "started"})
@@ -158,7 +225,97 @@ class Admin:
             cluster.hold(backend)
         elif action == "enable":
             cluster.hold(backend, False)
+        elif action == "restart":
+            supervisor = self.dispatcher.supervisor
+            if supervisor is None or not any(
+                i.id == name for i in supervisor.instances
+            ):
+                return _problem(
+                    start_response,
+                    "409 Conflict",
+                    f"{name} is not an instance this dispatcher spawned",
+                )
+            if supervisor.rolling:
+                return _problem(
+                    start_response, "409 Conflict", "a rolling restart is under way"
+                )
+            threading.Thread(
+                target=supervisor.restart, args=(name,), daemon=True
+            ).start()
         else:
             return _problem(start_response, "404 Not Found", f"no action {action!r}")
         log.info("instance %s: %s (admin)", name, action)
         return _json(start_response, "200 OK", {"id": name, "action": action})
+
+
+class Metrics:
+    """A prometheus_client collector reading the dispatcher's counts when scraped."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+
+    def collect(self):
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        dispatcher = self.dispatcher
+        restarts = {}
+        if dispatcher.supervisor is not None:
+            restarts = {
+                p["id"]: p["restarts"] for p in dispatcher.supervisor.describe()
+            }
+        requests = CounterMetricFamily(
+            "pyramid_lb_requests",
+            "Exchanges with instances, by status class (failed: no answer)",
+            labels=["instance", "code_class"],
+        )
+        latency = HistogramMetricFamily(
+            "pyramid_lb_request_duration_seconds",
+            "Time from sending a request to an instance to its whole answer",
+            labels=["instance"],
+        )
+        in_flight = GaugeMetricFamily(
+            "pyramid_lb_in_flight", "Requests in flight", labels=["instance"]
+        )
+        up = GaugeMetricFamily(
+            "pyramid_lb_instance_up",
+            "1 when the instance takes new requests, else 0",
+            labels=["instance"],
+        )
+        retries = CounterMetricFamily(
+            "pyramid_lb_retries",
+            "Requests retried on the instance",
+            labels=["instance"],
+        )
+        ejections = CounterMetricFamily(
+            "pyramid_lb_ejections",
+            "Times the instance was taken out after failures in a row",
+            labels=["instance"],
+        )
+        restarted = CounterMetricFamily(
+            "pyramid_lb_restarts", "Restarts of a spawned instance", labels=["instance"]
+        )
+        candidates = set(dispatcher.cluster.candidates())
+        tallies = [(b.name, b.tally) for b in list(dispatcher.cluster.backends)]
+        tallies.append(("none", dispatcher.proxy.unrouted))
+        for name, tally in tallies:
+            for code_class, count in zip(CLASSES, tally.classes, strict=True):
+                requests.add_metric([name, code_class], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip(BUCKETS, tally.buckets, strict=False):
+                cumulative += count
+                buckets.append((repr(float(bound)), cumulative))
+            buckets.append(("+Inf", cumulative + tally.buckets[-1]))
+            latency.add_metric([name], buckets, tally.seconds)
+        for backend in list(dispatcher.cluster.backends):
+            name = backend.name
+            in_flight.add_metric([name], backend.in_flight)
+            up.add_metric([name], 1 if backend in candidates else 0)
+            retries.add_metric([name], backend.retries)
+            ejections.add_metric([name], backend.ejections_total)
+            if name in restarts:
+                restarted.add_metric([name], restarts[name])
+        yield from (requests, latency, in_flight, up, retries, ejections, restarted)

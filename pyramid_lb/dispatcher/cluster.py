@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
+from pyramid_lb.dispatcher.stats import Tally
 from pyramid_lb.dispatcher.upstream import Pool
 
 log = logging.getLogger("pyramid_lb.dispatcher")
@@ -54,12 +55,14 @@ class Backend:
         #: Set by the admin or supervisor: no new requests, even if healthy.
         self.held = False
         self.in_flight = 0
+        self.tally = Tally()
         self.requests = 0
         self.errors = 0
         self.retries = 0
         # passive health (outlier detection)
         self.failures = 0  # consecutive
         self.ejections = 0  # in a row: each one lasts longer
+        self.ejections_total = 0
         self.ejected_until = 0.0
         # active health
         self.passes = 0  # consecutive
@@ -76,9 +79,11 @@ class Backend:
             self.in_flight += 1
             self.requests += 1
 
-    def finished(self) -> None:
+    def finished(self, status: int = 0, elapsed: float = 0.0) -> None:
+        """An exchange ended: with ``status`` (0 when it failed) after ``elapsed``."""
         with self._lock:
             self.in_flight -= 1
+            self.tally.add(status, elapsed)
 
     @property
     def ejected(self) -> bool:
@@ -223,6 +228,7 @@ class Cluster:
             if now - backend.ejected_until > self.max_eject_time:
                 backend.ejections = 0  # well behaved for long: start over
             backend.ejections += 1
+            backend.ejections_total += 1
             cooldown = min(self.eject_time * backend.ejections, self.max_eject_time)
             backend.ejected_until = now + cooldown
             backend.failures = 0

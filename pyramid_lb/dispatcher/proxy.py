@@ -11,13 +11,16 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from random import getrandbits
+from time import perf_counter
 from urllib.parse import quote
 
 from pyramid_lb.dispatcher.cluster import Backend, Cluster
+from pyramid_lb.dispatcher.stats import Tally
 from pyramid_lb.dispatcher.upstream import (
     NO_BODY,
     Body,
@@ -100,8 +103,10 @@ def _quote_value(value: str) -> str:
 class RetryBudget:
     """Retries allowed as a share of recent requests, plus a small floor.
 
-    Counts per second over a sliding window. Counting is not locked: a lost
-    increment under contention only nudges the budget, which is a guide.
+    Counts requests and retries per second, for the budget over the last
+    ``window`` seconds and for the dashboard's chart over the last ``keep``.
+    Counting is not locked: a lost increment under contention only nudges
+    numbers that are a guide.
     """
 
     def __init__(
@@ -110,18 +115,21 @@ class RetryBudget:
         floor: int = 10,
         window: int = 10,
         clock=time.monotonic,
+        keep: int = 60,
     ):
         self.ratio = ratio
         self.floor = floor
         self.window = window
+        self.keep = keep
         self._clock = clock
-        self._second = [0] * window
-        self._requests = [0] * window
-        self._retries = [0] * window
+        slots = self._slots = max(window, keep) + 1
+        self._second = [0] * slots
+        self._requests = [0] * slots
+        self._retries = [0] * slots
 
     def _slot(self) -> int:
         now = int(self._clock())
-        slot = now % self.window
+        slot = now % self._slots
         if self._second[slot] != now:
             self._second[slot] = now
             self._requests[slot] = self._retries[slot] = 0
@@ -134,13 +142,22 @@ class RetryBudget:
         """Whether one more retry is allowed now; counts it if so."""
         slot = self._slot()
         now = self._second[slot]
-        live = [i for i in range(self.window) if now - self._second[i] < self.window]
+        live = [i for i in range(self._slots) if now - self._second[i] < self.window]
         requests = sum(self._requests[i] for i in live)
         retries = sum(self._retries[i] for i in live)
         if retries >= max(self.floor, self.ratio * requests):
             return False
         self._retries[slot] += 1
         return True
+
+    def history(self) -> list[tuple[int, int]]:
+        """``(second, requests)`` for each of the last ``keep`` whole seconds,
+        in the clock's seconds."""
+        now = int(self._clock())
+        counts = dict(zip(self._second, self._requests, strict=True))
+        return [
+            (second, counts.get(second, 0)) for second in range(now - self.keep, now)
+        ]
 
 
 def error_response(start_response, status: int, message: str, headers=()):
@@ -180,6 +197,11 @@ class Proxy:
         self.retry_after = str(retry_after)
         #: A :class:`~pyramid_lb.dispatcher.sticky.Sticky`, for session affinity.
         self.sticky = sticky
+        #: Requests answered without an instance (503, 508, 413...).
+        self.unrouted = Tally()
+        self._lock = threading.Lock()
+        #: One line per request, at INFO; turned off by giving it a higher level.
+        self.access_log = logging.getLogger("pyramid_lb.access")
         # The Via pseudonym: a request arriving with it already passed here.
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.via = f"1.1 {self.name} (pyramid_lb)"
@@ -239,6 +261,7 @@ class Proxy:
         return "\r\n".join(lines).encode("latin-1")
 
     def __call__(self, environ, start_response):
+        started = perf_counter()
         request_id = environ.get("HTTP_X_REQUEST_ID")
         if not request_id or len(request_id) > 200 or not request_id.isprintable():
             # Unique, not secret: no system call (os.urandom makes one).
@@ -246,8 +269,13 @@ class Proxy:
         via = environ.get("HTTP_VIA")
         if via and self.name in via:
             log.warning("request %s came back to this dispatcher: a loop", request_id)
-            return error_response(
-                start_response, 508, "this request went round in a loop"
+            return self.refuse(
+                environ,
+                start_response,
+                started,
+                request_id,
+                508,
+                "this request went round in a loop",
             )
         length = environ.get("CONTENT_LENGTH")
         try:
@@ -255,17 +283,29 @@ class Proxy:
             if length < 0:
                 raise ValueError
         except ValueError:
-            return error_response(start_response, 400, "invalid Content-Length")
-        if length > self.max_body_size:
-            return error_response(
+            return self.refuse(
+                environ,
                 start_response,
+                started,
+                request_id,
+                400,
+                "invalid Content-Length",
+            )
+        if length > self.max_body_size:
+            return self.refuse(
+                environ,
+                start_response,
+                started,
+                request_id,
                 413,
                 f"the request body is larger than {self.max_body_size} bytes",
             )
         try:
             body = Body(environ["wsgi.input"], length) if length else NO_BODY
         except ValueError as exc:
-            return error_response(start_response, 400, str(exc))
+            return self.refuse(
+                environ, start_response, started, request_id, 400, str(exc)
+            )
         # Before the head is built: in insert mode it takes its cookie out.
         pinned, pin = self.sticky.pinned(environ) if self.sticky else (None, None)
         head = self.request_head(environ, request_id)
@@ -273,13 +313,21 @@ class Proxy:
             head += b"Content-Length: %d\r\n" % length
         head += b"\r\n"
         return self.forward(
-            environ, start_response, head, body, request_id, pinned, pin
+            environ, start_response, started, head, body, request_id, pinned, pin
         )
 
     # -- forwarding and retries -----------------------------------------------
 
     def forward(
-        self, environ, start_response, head, body, request_id, pinned=None, pin=None
+        self,
+        environ,
+        start_response,
+        started,
+        head,
+        body,
+        request_id,
+        pinned=None,
+        pin=None,
     ):
         """Send the request to an instance (``pinned`` first), retrying safely."""
         method = environ["REQUEST_METHOD"]
@@ -301,13 +349,14 @@ class Proxy:
             tried.append(backend)
             backend.started()
             response = None
+            sent = perf_counter()
             try:
                 response = exchange(backend.pool, head, body, head_only, idempotent)
                 small = response.read_small()
             except UpstreamError as exc:
                 if response is not None:
                     response.close()
-                backend.finished()
+                backend.finished(0, perf_counter() - sent)
                 error = exc
                 reached = reached or exc.sent
                 if not isinstance(exc, ReadTimeout):
@@ -331,33 +380,59 @@ class Proxy:
                     break
                 continue
             except ValueError as exc:  # the client's body fell short
-                backend.finished()
-                return error_response(start_response, 400, str(exc))
+                backend.finished(0, perf_counter() - sent)
+                return self.refuse(
+                    environ, start_response, started, request_id, 400, str(exc)
+                )
             except BaseException:
                 if response is not None:
                     response.close()
-                backend.finished()
+                backend.finished(0, perf_counter() - sent)
                 raise
             cookie = (
                 self.sticky.cookie_for(environ, backend, pin) if self.sticky else None
             )
             return self.respond(
-                start_response, backend, response, small, request_id, cookie
+                environ,
+                start_response,
+                started,
+                sent,
+                backend,
+                response,
+                small,
+                request_id,
+                cookie,
             )
         if error is None or not reached:
-            return error_response(
+            return self.refuse(
+                environ,
                 start_response,
+                started,
+                request_id,
                 503,
                 "no instance is available to take the request",
                 [("Retry-After", self.retry_after)],
+                tried[-1] if tried else None,
             )
-        return error_response(start_response, error.status, str(error))
+        return self.refuse(
+            environ,
+            start_response,
+            started,
+            request_id,
+            error.status,
+            str(error),
+            (),
+            tried[-1],
+        )
 
     # -- the response ---------------------------------------------------------
 
     def respond(
         self,
+        environ,
         start_response,
+        started: float,
+        sent: float,
         backend: Backend,
         response: Response,
         small: bytes | None,
@@ -388,29 +463,86 @@ class Proxy:
         if small is None:
             small = response.take_buffered()
             if not response.complete:
-                return _stream(backend, response, small, request_id)
+                return self._stream(
+                    environ, started, sent, backend, response, small, request_id
+                )
         response.release()
-        backend.finished()
+        now = perf_counter()
+        backend.finished(status, now - sent)
+        if self.access_log.isEnabledFor(logging.INFO):
+            self.log_access(
+                environ, status, len(small), now - started, backend, request_id
+            )
         return [small] if small else []
 
-
-def _stream(
-    backend: Backend, response: Response, first: bytes, request_id: str
-) -> Iterator[bytes]:
-    """The response body as it arrives; the connection is released at the end."""
-    try:
-        if first:
-            yield first
+    def _stream(
+        self, environ, started, sent, backend, response, first, request_id
+    ) -> Iterator[bytes]:
+        """The body as it arrives; the connection is released at the end."""
+        sent_bytes = 0
         try:
-            yield from response.stream()
-        except UpstreamError as exc:
-            log.warning(
-                "request %s: instance %s failed mid-response: %s",
-                request_id,
-                backend.name,
-                exc,
-            )
-            raise
-    finally:
-        response.release()
-        backend.finished()
+            if first:
+                sent_bytes += len(first)
+                yield first
+            try:
+                for piece in response.stream():
+                    sent_bytes += len(piece)
+                    yield piece
+            except UpstreamError as exc:
+                log.warning(
+                    "request %s: instance %s failed mid-response: %s",
+                    request_id,
+                    backend.name,
+                    exc,
+                )
+                raise
+        finally:
+            response.release()
+            now = perf_counter()
+            backend.finished(response.status, now - sent)
+            if self.access_log.isEnabledFor(logging.INFO):
+                self.log_access(
+                    environ,
+                    response.status,
+                    sent_bytes,
+                    now - started,
+                    backend,
+                    request_id,
+                )
+
+    # -- answers of its own, and the access log --------------------------------
+
+    def refuse(
+        self,
+        environ,
+        start_response,
+        started: float,
+        request_id: str,
+        status: int,
+        message: str,
+        headers=(),
+        backend: Backend | None = None,
+    ):
+        """Answer ``status`` without (a response from) an instance."""
+        body = error_response(start_response, status, message, headers)
+        elapsed = perf_counter() - started
+        with self._lock:
+            self.unrouted.add(status, elapsed)
+        if self.access_log.isEnabledFor(logging.INFO):
+            self.log_access(environ, status, len(body[0]), elapsed, backend, request_id)
+        return body
+
+    def log_access(self, environ, status, size, elapsed, backend, request_id) -> None:
+        """One line per request. The path goes without its query string,
+        which can carry secrets (tokens, keys)."""
+        self.access_log.info(
+            '%s "%s %s" %d %d %.1fms %s %s',
+            environ.get("REMOTE_ADDR", "-"),
+            environ["REQUEST_METHOD"],
+            environ.get("PATH_INFO", ""),
+            status,
+            size,
+            elapsed * 1000,
+            backend.name if backend is not None else "-",
+            request_id,
+        )

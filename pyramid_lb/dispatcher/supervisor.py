@@ -379,27 +379,46 @@ class Supervisor:
         try:
             log.info("rolling restart of %d instances", len(self.instances))
             for old in list(self.instances):
-                new = self._new_instance(old.ini)
-                new.managed = True
-                self._spawn(new)
-                problem = self._wait_ready(new)
-                if problem:
-                    self.retire(new)
-                    log.error(
-                        "rolling restart stopped: %s %s; the old instances keep "
-                        "serving. Its last output:\n%s",
-                        new.id,
-                        problem,
-                        new.last_output(),
-                    )
+                if not self._replace(old, "rolling restart"):
                     return False
-                new.managed = False
-                self.retire(old)
-                log.info("instance %s replaced by %s", old.id, new.id)
             log.info("rolling restart done")
             return True
         finally:
             self._rolling.release()
+
+    def restart(self, instance_id: str) -> bool:
+        """Replace one instance the way a rolling restart does."""
+        instance = next((i for i in self.instances if i.id == instance_id), None)
+        if instance is None:
+            raise LookupError(f"no spawned instance {instance_id!r}")
+        with self._rolling:
+            return self._replace(instance, f"restart of {instance_id}")
+
+    @property
+    def rolling(self) -> bool:
+        """Whether a rolling restart (or a restart) is under way."""
+        return self._rolling.locked()
+
+    def _replace(self, old: Instance, what: str) -> bool:
+        new = self._new_instance(old.ini)
+        new.managed = True
+        self._spawn(new)
+        problem = self._wait_ready(new)
+        if problem:
+            self.retire(new)
+            log.error(
+                "%s stopped: %s %s; the old instances keep serving. Its last "
+                "output:\n%s",
+                what,
+                new.id,
+                problem,
+                new.last_output(),
+            )
+            return False
+        new.managed = False
+        self.retire(old)
+        log.info("instance %s replaced by %s", old.id, new.id)
+        return True
 
     def _wait_ready(self, instance: Instance) -> str | None:
         """None once ``instance`` takes requests, else what went wrong."""

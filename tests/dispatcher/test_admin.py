@@ -86,5 +86,18 @@ def test_action_errors(app, path, status, error):
 
 
 def test_lb_paths_are_never_forwarded(app):
-    app.get("/_lb/", status=404)
+    assert app.get("/_lb/").content_type == "text/html"  # the dashboard
     app.get("/_lb", status=404)
+    app.get("/_lb/anything", status=404)
+    app.post("/_lb/", status=405)
+
+
+def test_restart_needs_a_spawned_instance(app):
+    response = app.post("/_lb/instances/127.0.0.1:9/restart", headers=ADMIN, status=409)
+    assert "not an instance this dispatcher spawned" in response.json["error"]
+
+
+def test_metrics_are_prometheus_text(app):
+    response = app.get("/_lb/metrics")
+    assert response.content_type == "text/plain"
+    assert "pyramid_lb_requests_total" in response.text

@@ -258,3 +258,21 @@ def test_hung_instance_is_killed_and_restarted(processes, tmp_path):
     finally:
         blockers.shutdown(wait=False, cancel_futures=True)
     assert not alive(hung["pid"])
+
+
+def test_restart_one_instance_from_the_admin(processes, tmp_path):
+    ini = write_ini(tmp_path, instances=2)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 2), timeout=20)
+    first, second = stats(url)
+    reply = requests.post(
+        f"{url}/_lb/instances/{first['id']}/restart",
+        headers={"X-Requested-With": "test"},
+        timeout=10,
+    )
+    assert reply.status_code == 200
+    process.wait_for_output(f"instance {first['id']} replaced by site-3")
+    after = {i["id"]: i for i in stats(url)}
+    assert set(after) == {second["id"], "site-3"}
+    assert after[second["id"]]["pid"] == second["pid"]
+    assert not alive(first["pid"])
