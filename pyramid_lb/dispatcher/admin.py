@@ -123,6 +123,7 @@ class Admin:
                     "pid": process.get("pid"),
                     "state": state,
                     "ejected": backend.ejected,
+                    "held": backend.held,
                     "weight": backend.weight,
                     "in_flight": backend.in_flight,
                     "requests": backend.requests,

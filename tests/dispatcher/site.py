@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import threading
@@ -12,6 +13,8 @@ from pathlib import Path
 import requests
 
 from tests.processes import BIN
+
+SERVING = re.compile(r"^INFO \[waitress\] Serving on http://127\.0\.0\.1:(\d+)", re.M)
 
 INI = """
 [app:main]
@@ -118,8 +121,9 @@ def serve(processes, ini, *args, command="pyramid-lb"):
     else:
         argv = [BIN / "pserve", f"{ini}#dispatcher", "--server-name", "dispatcher"]
     process = processes.start(argv, name="dispatcher")
-    url = f"http://127.0.0.1:{process.port()}"
-    return process, url
+    # The dispatcher's own line, not an instance's ("site-1 | INFO ...").
+    port = process.wait_for_output(SERVING).group(1)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def stats(url):
