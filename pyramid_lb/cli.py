@@ -46,6 +46,29 @@ def admin_url(target: str) -> str:
     return f"http://{host}:{port}"
 
 
+def get_json(target: str, path: str) -> dict:
+    """GET a dispatcher's JSON page."""
+    url = admin_url(target) + path
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"{url}: {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise ValueError(f"cannot reach {target}: {exc.reason}") from None
+
+
+def status(args) -> int:
+    from pyramid_lb.status import format_stats
+
+    try:
+        stats = get_json(args.target, "/_lb/stats.json")
+    except ValueError as exc:
+        return fail(str(exc))
+    print(format_stats(stats))
+    return 0
+
+
 def post(target: str, action: str) -> dict:
     """POST an admin action to a dispatcher; its JSON answer."""
     request = urllib.request.Request(
@@ -84,6 +107,24 @@ def scale(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from pyramid_lb.export import ExportError, export
+
+    try:
+        text = export(args.engine, args.ini, listen=args.listen)
+    except ExportError as exc:
+        return fail(str(exc))
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(text)
+    except OSError as exc:
+        return fail(f"cannot write {args.output}: {exc.strerror}")
+    return 0
+
+
 def fail(message: str) -> int:
     print(f"pyramid-lb: error: {message}", file=sys.stderr)
     return 1
@@ -115,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=serve)
 
     for name, handler, text in (
+        ("status", status, "print the instances and their counts as a table"),
         ("reload", reload, "replace every instance, one at a time"),
         ("scale", scale, "change the number of instances"),
     ):
@@ -125,6 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "scale":
             command.add_argument("instances", type=int, metavar="N")
         command.set_defaults(handler=handler)
+
+    front = commands.add_parser(
+        "export",
+        help="print an nginx or HAProxy configuration equivalent to the dispatcher",
+        description="Print a complete nginx or HAProxy configuration doing what "
+        "[app:dispatcher] of INI does, in front of the instances that "
+        "`pyramid-lb serve INI --no-dispatcher` runs.",
+    )
+    front.add_argument("engine", choices=("nginx", "haproxy"))
+    front.add_argument("ini", metavar="INI", help="the ini file")
+    front.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="where to listen (default: as [server:dispatcher])",
+    )
+    front.add_argument(
+        "-o", "--output", metavar="FILE", help="write to FILE rather than stdout"
+    )
+    front.set_defaults(handler=export)
     return parser
 
 

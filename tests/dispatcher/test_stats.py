@@ -2,12 +2,14 @@
 
 import http.client
 import re
+import subprocess
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyramid_lb.dispatcher.stats import BUCKETS, Tally
+from tests.processes import BIN
 
 
 def test_tally_counts_classes_buckets_and_percentiles():
@@ -117,3 +119,30 @@ def test_stats_json_and_the_access_log(processes):
     assert int(size) > 0 and float(duration) > 0
     assert instance in {b.url.removeprefix("http://") for b in instances}
     assert "secret" not in process.output()  # query strings are not logged
+
+
+def test_status_command_prints_the_table(processes):
+    instances = [processes.backend(name) for name in ("u1", "u2")]
+    _, url = processes.dispatcher(instances)
+    requests.get(url + "/whoami", timeout=10)
+    result = subprocess.run(
+        [BIN / "pyramid-lb", "status", url], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("instance")
+    assert {line.split()[0] for line in lines[1:3]} == {
+        b.url.removeprefix("http://") for b in instances
+    }
+    assert lines[-1].startswith("2/2 up, 0 in flight, 1 requests")
+
+
+def test_status_of_nothing_is_one_clear_line():
+    result = subprocess.run(
+        [BIN / "pyramid-lb", "status", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("pyramid-lb: error: cannot reach")
