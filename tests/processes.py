@@ -114,18 +114,8 @@ class Instance:
         self.process.popen.wait(5)
 
 
-DISPATCHER_INI = """
-[app:main]
-use = egg:pyramid_lb#dispatcher
-{settings}
-
-[server:main]
-use = egg:waitress#main
-host = 127.0.0.1
-port = 0
-threads = 16
-outbuf_high_watermark = 1048576
-
+#: Log INFO and up to stderr, so that the tests see "Serving on ..." lines.
+LOGGING_INI = """
 [loggers]
 keys = root
 
@@ -146,6 +136,19 @@ formatter = generic
 
 [formatter_generic]
 format = %(levelname)s [%(name)s] %(message)s
+"""
+
+DISPATCHER_INI = """
+[app:main]
+use = egg:pyramid_lb#dispatcher
+{settings}
+
+[server:main]
+use = egg:waitress#main
+host = 127.0.0.1
+port = 0
+threads = 16
+outbuf_high_watermark = 1048576
 """
 
 
@@ -190,6 +193,7 @@ class Processes:
             DISPATCHER_INI.format(
                 settings="\n".join(f"{k} = {v}" for k, v in settings.items())
             )
+            + LOGGING_INI
         )
         process = self.start([BIN / "pserve", path], name="dispatcher")
         return process, f"http://127.0.0.1:{process.port()}"

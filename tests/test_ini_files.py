@@ -5,7 +5,7 @@ import time
 
 import requests
 
-from tests.processes import ROOT, get, wait_until
+from tests.processes import LOGGING_INI, ROOT, get, wait_until
 
 FIXTURE_INI = """
 [app:main]
@@ -16,34 +16,13 @@ pyramid.includes = pyramid_lb
 [server:main]
 use = egg:waitress#main
 listen = 127.0.0.1:%(http_port)s
-
-[loggers]
-keys = root
-
-[handlers]
-keys = console
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = INFO
-handlers = console
-
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-formatter = generic
-
-[formatter_generic]
-format = %(levelname)s [%(name)s] %(message)s
 """
 
 
 def write_ini(tmp_path, **settings):
     lines = "\n".join(f"{key} = {value}" for key, value in settings.items())
     path = tmp_path / "fixture.ini"
-    path.write_text(FIXTURE_INI.format(settings=lines))
+    path.write_text(FIXTURE_INI.format(settings=lines) + LOGGING_INI)
     return path
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from tests.processes import BIN
+from tests.processes import BIN, LOGGING_INI
 
 SERVING = re.compile(r"^INFO \[waitress\] Serving on http://127\.0\.0\.1:(\d+)", re.M)
 
@@ -52,27 +52,6 @@ threads = 16
 
 [DEFAULT]
 http_port = 6543
-
-[loggers]
-keys = root
-
-[handlers]
-keys = console
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = INFO
-handlers = console
-
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-formatter = generic
-
-[formatter_generic]
-format = %(levelname)s [%(name)s] %(message)s
 """
 
 
@@ -110,7 +89,7 @@ def write_ini(tmp_path: Path, **options) -> Path:
     if not values["base_port"]:
         values["base_port"] = free_base_port()
     path = tmp_path / "site.ini"
-    path.write_text(INI.format(**values))
+    path.write_text(INI.format(**values) + LOGGING_INI)
     return path
 
 
@@ -174,25 +153,43 @@ def alive(pid):
     return status.exists() and status.read_text().rpartition(")")[2].split()[0] != "Z"
 
 
-def steady(url, stop, results, path="/whoami"):
+def steady(url, stop, results, path="/whoami", method="GET", client=0):
+    """Requests one after the other until ``stop``; records (status, what).
+
+    A POST carries ``id=<client>-<n>`` in its query, and ``what`` is that id
+    (for counting how often each ran); for a GET ``what`` is the body.
+    """
+    number = 0
     with requests.Session() as session:
         while not stop.is_set():
+            number += 1
+            key = f"{client}-{number}"
             try:
-                response = session.get(url + path, timeout=10)
-                results.append((response.status_code, response.text))
+                if method == "POST":
+                    separator = "&" if "?" in path else "?"
+                    response = session.post(
+                        f"{url}{path}{separator}id={key}", timeout=10
+                    )
+                    results.append((response.status_code, key))
+                else:
+                    response = session.get(url + path, timeout=10)
+                    results.append((response.status_code, response.text))
             except requests.RequestException as exc:
-                results.append((type(exc).__name__, str(exc)))
+                results.append((type(exc).__name__, key))
 
 
 class Load:
     """A few clients sending requests until stopped."""
 
-    def __init__(self, url, clients=3, path="/whoami"):
+    def __init__(self, url, clients=3, path="/whoami", method="GET"):
         self.stop = threading.Event()
         self.results = []
         self.threads = [
-            threading.Thread(target=steady, args=(url, self.stop, self.results, path))
-            for _ in range(clients)
+            threading.Thread(
+                target=steady,
+                args=(url, self.stop, self.results, path, method, client),
+            )
+            for client in range(clients)
         ]
 
     def __enter__(self):

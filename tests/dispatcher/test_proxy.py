@@ -21,6 +21,7 @@ from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
 from pyramid_lb.dispatcher.upstream import UpstreamError
 from tests.dispatcher import canned
 from tests.dispatcher.canned import Canned
+from tests.dispatcher.site import Load
 from tests.processes import ROOT, wait_until
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -351,71 +352,26 @@ def test_all_failing_is_panic_not_503(processes):
     process.wait_for_output("panic mode")
 
 
-def steady_load(url, stop, results, path="/whoami", method="GET", prefix="r"):
-    """Sequential requests until ``stop`` is set; records (status, name)."""
-    counter = 0
-    with requests.Session() as session:
-        while not stop.is_set():
-            counter += 1
-            try:
-                if method == "GET":
-                    response = session.get(url + path, timeout=10)
-                else:
-                    response = session.post(
-                        f"{url}{path}&id={prefix}{counter}", timeout=10
-                    )
-                results.append((response.status_code, f"{prefix}{counter}"))
-            except requests.RequestException as exc:
-                results.append((type(exc).__name__, f"{prefix}{counter}"))
-
-
 def test_killing_an_instance_under_get_load_fails_nothing(processes):
     instances = [processes.backend(name) for name in ("k1", "k2", "k3")]
     _, url = processes.dispatcher(instances)
-    stop = threading.Event()
-    results = []
-    loaders = [
-        threading.Thread(target=steady_load, args=(url, stop, results, "/slow?s=0.02"))
-        for _ in range(4)
-    ]
-    for loader in loaders:
-        loader.start()
-    try:
+    with Load(url, clients=4, path="/slow?s=0.02") as load:
         time.sleep(0.5)
         instances[0].kill()
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for loader in loaders:
-            loader.join(15)
-    assert len(results) > 50
-    assert [r for r in results if r[0] != 200] == []
+    assert len(load.results) > 50
+    assert load.failures() == []
 
 
 def test_killing_an_instance_under_post_load_runs_no_post_twice(processes, tmp_path):
     instances = [processes.backend(name, tmp_path) for name in ("p1", "p2", "p3")]
     _, url = processes.dispatcher(instances)
-    stop = threading.Event()
-    results = []
-    loaders = [
-        threading.Thread(
-            target=steady_load,
-            # each POST takes 50 ms: the kill lands on some in flight
-            args=(url, stop, results, "/count?s=0.05", "POST", f"t{n}-"),
-            kwargs={},
-        )
-        for n in range(4)
-    ]
-    for loader in loaders:
-        loader.start()
-    try:
+    # each POST takes 50 ms: the kill lands on some in flight
+    with Load(url, clients=4, path="/count?s=0.05", method="POST") as load:
         time.sleep(0.5)
         instances[0].kill()
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for loader in loaders:
-            loader.join(15)
+    results = load.results
     executed = collections.Counter()
     for log in tmp_path.glob("*.posts"):
         executed.update(log.read_text().split())
