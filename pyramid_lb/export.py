@@ -5,15 +5,15 @@ from __future__ import annotations
 import configparser
 import os
 import re
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from paste.deploy.loadwsgi import APP, SERVER, loadcontext
 
 from pyramid_lb.affinity_cookie import sign
+from pyramid_lb.dispatcher import make_dispatcher
 from pyramid_lb.dispatcher.admin import PREFIX
 from pyramid_lb.dispatcher.cluster import parse_backend_url
-from pyramid_lb.settings import SettingsError, parse_dispatcher
+from pyramid_lb.settings import SettingsError
 
 ENGINES = ("nginx", "haproxy")
 
@@ -47,42 +47,31 @@ def load(ini: str, listen: str | None = None) -> Site:
         raise ExportError(f"{ini}: no such file")
     path = os.path.abspath(ini)
     try:
-        local_conf = loadcontext(APP, "config:" + path, name="dispatcher").local_conf
+        context = loadcontext(APP, "config:" + path, name="dispatcher")
     except LookupError:
         raise ExportError(f"{ini} has no [app:dispatcher] section") from None
     except (ImportError, configparser.Error) as exc:
         raise ExportError(f"{ini}: {exc}") from None
     try:
-        settings = parse_dispatcher(local_conf)
+        # Built, not started: nothing spawns, nothing connects.
+        dispatcher = make_dispatcher(context.global_conf, **context.local_conf)
     except SettingsError as exc:
-        raise ExportError(f"[app:dispatcher] {exc}") from None
-    return Site(path, settings, _servers(path, settings), _binds(path, listen))
+        raise ExportError(str(exc)) from None
+    return Site(path, dispatcher.settings, _servers(dispatcher), _binds(path, listen))
 
 
-def _servers(path: str, settings: dict[str, Any]) -> list[Server]:
-    """The supervisor's plan: copies of ``path``, then ``ini_files``, each
-    named ``<stem>-<n>``, on consecutive ports; then ``backends``."""
-    here = os.path.dirname(path)
-    plan = [path] * settings["instances"]
-    for name in settings["ini_files"]:
-        plan.append(os.path.join(here, name))
-        if not os.path.isfile(plan[-1]):
-            raise ExportError(f"[app:dispatcher] ini_files: {name!r} is not a file")
-    numbers: dict[str, int] = {}
+def _servers(dispatcher) -> list[Server]:
+    """The instances the supervisor starts, then the ``backends``."""
+    settings = dispatcher.settings
     members = []
-    for port, spawned in enumerate(plan, settings["base_port"]):
-        stem = Path(spawned).stem
-        numbers[stem] = numbers.get(stem, 0) + 1
-        members.append((f"{stem}-{numbers[stem]}", "127.0.0.1", port, 1))
-        if port > 65535:
-            raise ExportError("[app:dispatcher] base_port leaves too few ports")
+    if dispatcher.supervisor is not None:
+        for name, _, port in dispatcher.supervisor.planned():
+            if port > 65535:
+                raise ExportError("[app:dispatcher] base_port leaves too few ports")
+            members.append((name, "127.0.0.1", port, 1))
     for spec in settings["backends"]:
         host, port = parse_backend_url(spec.url)
         members.append((f"{host}:{port}", host, port, spec.weight))
-    if not members:
-        raise ExportError(
-            "[app:dispatcher] has no instances: set instances, ini_files or backends"
-        )
     weighted = settings["strategy"] in ("weighted_round_robin", "hash")
     secret = settings["affinity_secret"] if settings["sticky"] != "off" else None
     return [

@@ -117,14 +117,21 @@ class Supervisor:
         )
         self._monitor.start()
 
+    def planned(self) -> list[tuple[str, str, int]]:
+        """``(id, ini, port)`` of the instances :meth:`start` spawns, where
+        their ports are free (what an export to nginx or HAProxy fronts)."""
+        numbers: collections.Counter = collections.Counter()
+        return [
+            (_next_id(numbers, ini), ini, self.base_port + index)
+            for index, ini in enumerate(self.plan)
+        ]
+
     def _new_instance(self, ini: str) -> Instance:
         with self._lock:
-            stem = Path(ini).stem
-            self._numbers[stem] += 1
             port = self._free_port()
             backend = Backend(
                 f"http://127.0.0.1:{port}",
-                name=f"{stem}-{self._numbers[stem]}",
+                name=_next_id(self._numbers, ini),
                 state=STARTING,
                 **self.backend_options,
             )
@@ -465,6 +472,13 @@ class Supervisor:
             }
             for instance in list(self.instances)
         ]
+
+
+def _next_id(numbers: collections.Counter, ini: str) -> str:
+    """The next instance id of ``ini``: ``<its stem>-<n>``, n from 1."""
+    stem = Path(ini).stem
+    numbers[stem] += 1
+    return f"{stem}-{numbers[stem]}"
 
 
 def _last_check(backend: Backend) -> str:
