@@ -286,7 +286,8 @@ def test_draining_instance_gets_no_new_requests_but_finishes(processes):
         slow = [
             pool.submit(requests.get, url + "/slow?s=1", timeout=10) for _ in range(2)
         ]
-        time.sleep(0.2)
+        # both in flight, one on each instance, before f1 drains
+        wait_until(lambda: all(in_flight(instance) == 1 for instance in instances))
         requests.get(instances[0].url + "/drain", timeout=10)
         process.wait_for_output(r"up -> down \(health check: 503")
         quick = names(url, 10)

@@ -155,7 +155,7 @@ def test_sigterm_lets_a_slow_request_finish_then_stops_everything(processes, tmp
     assert len(instances) == 2
     with ThreadPool() as pool:
         slow = pool.submit(requests.get, url + "/slow?ms=1500", timeout=10)
-        time.sleep(0.3)
+        wait_until(lambda: sum(i["in_flight"] for i in stats(url)) == 1)
         process.signal(signal.SIGTERM)
         response = slow.result()
     assert response.status_code == 200
