@@ -20,7 +20,8 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	rm -f .coverage .coverage.*
-	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	@# 4 workers on 2 cores: most tests wait on processes and sockets
+	$(BIN)/coverage run -m pytest -n 4 --dist loadfile $(PYTEST_ARGS)
 	@# a process the tests SIGKILL leaves an empty data file behind
 	find . -maxdepth 1 -name '.coverage.*' -empty -delete
 	$(BIN)/coverage combine --quiet

@@ -1,12 +1,14 @@
-"""Benchmark: the dispatcher against nginx over the same two demo instances.
+"""Benchmark: the dispatcher against nginx and peers over the same two instances.
 
 Starts two demo instances (production.ini), the dispatcher in front of them
-and, when installed, nginx in front of the same two; then drives each with
-wrk (or, without wrk, a small threaded Python client) in interleaved rounds
-and prints requests/s, p50 and p99 latency, the dispatcher/nginx ratio and
-the dispatcher's CPU time per proxied request.
+and, when installed, nginx and the peer proxies in bench/peers/ (aiohttp,
+asgiproxy on uvicorn, WSGIProxy2 under waitress: ``pip install -e
+'.[bench]'``) in front of the same two; then drives each with wrk (or,
+without wrk, a small threaded Python client) in interleaved rounds, every
+target once a round, and prints for each requests/s, p50 and p99 latency,
+the ratio to nginx and the proxy's CPU time per request.
 
-    .venv/bin/python bench/dispatcher.py [--rounds 3] [--duration 5]
+    .venv/bin/python bench/dispatcher.py [--rounds 3] [--duration 5] [--no-peers]
 
 Linux only (CPU time is read from /proc). Nothing here is a test: the
 numbers depend on the machine.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.metadata
 import os
 import re
 import shutil
@@ -32,6 +35,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 VIEWS = {"hello": "/hello", "1ms-cpu": "/cpu?ms=1"}
+
+# name: (script in bench/peers/, distributions it needs, extra arguments)
+PEERS = {
+    "aiohttp": ("aiohttp_proxy.py", ("aiohttp",), ()),
+    "asgiproxy": ("asgiproxy_app.py", ("asgiproxy", "uvicorn"), ()),
+    "wsgiproxy2": (
+        "wsgiproxy2_app.py",
+        ("WSGIProxy2", "urllib3"),
+        ("--threads", "{threads}"),
+    ),
+}
 
 NGINX_CONF = """
 worker_processes 1;
@@ -68,10 +82,16 @@ use = egg:pyramid_lb#dispatcher
 backends = http://127.0.0.1:{a} http://127.0.0.1:{b}
 
 [server:dispatcher]
-use = egg:waitress#main
+use = {server}
 listen = 127.0.0.1:{port}
 threads = {threads}
 """
+# --server: the dispatcher's server section.
+SERVERS = {
+    # as the shipped ini files have it: waitress with pyramid_lb.server's changes
+    "pyramid_lb": "egg:pyramid_lb#waitress",
+    "waitress": "egg:waitress#main",
+}
 
 
 def free_port() -> int:
@@ -111,9 +131,27 @@ def wait_for_ready(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.1)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(session: int) -> float:
+    """CPU time of every live process in a session (nginx has workers)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # it has just exited
+            continue
+        if int(fields[3]) == session:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def installed(distributions: tuple[str, ...]) -> str | None:
+    """The distributions as "name version, ...", or None if one is missing."""
+    try:
+        return ", ".join(
+            f"{name} {importlib.metadata.version(name)}" for name in distributions
+        )
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def run_wrk(url: str, duration: float, connections: int) -> tuple[float, float, float]:
@@ -167,12 +205,56 @@ def run_python(
     )
 
 
+def report(
+    view: str,
+    path: str,
+    results: dict[str, list[tuple[float, float, float]]],
+    cpu: dict[str, list[float]],
+) -> None:
+    """One table for a view: medians over the rounds, ratios paired by round."""
+    print(f"\n{view} ({path})")
+    print(
+        f"  {'target':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'x nginx':>8} {'CPU µs/req':>11}"
+    )
+    nginx = results.get("nginx")
+    ratios = {
+        target: [r[0] / n[0] for r, n in zip(runs, nginx, strict=True)]
+        for target, runs in (results.items() if nginx else ())
+    }
+    for target, runs in results.items():
+        rate, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(3))
+        ratio = f"{statistics.median(ratios[target]):.2f}" if ratios else "-"
+        used = f"{statistics.median(cpu[target]):.0f}" if target in cpu else "-"
+        print(f"  {target:<11} {rate:8.0f} {p50:8.2f} {p99:8.2f} {ratio:>8} {used:>11}")
+    if ratios:
+        rounds = ", ".join(f"{r:.2f}" for r in ratios["dispatcher"])
+        print(
+            f"  dispatcher/nginx: {statistics.median(ratios['dispatcher']):.2f}x "
+            f"(rounds: {rounds})"
+        )
+    print(
+        f"  dispatcher CPU per request: {statistics.median(cpu['dispatcher']):.0f} µs"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=16, help="dispatcher threads")
+    parser.add_argument(
+        "--threads", type=int, default=16, help="dispatcher (and WSGIProxy2) threads"
+    )
+    parser.add_argument(
+        "--no-peers", action="store_true", help="only direct, dispatcher and nginx"
+    )
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="pyramid_lb",
+        help="the dispatcher's server (default: pyramid_lb, as the ini files ship)",
+    )
     args = parser.parse_args()
 
     load = run_wrk if shutil.which("wrk") else run_python
@@ -194,30 +276,51 @@ def main() -> int:
         a, b = free_port(), free_port()
         for port in (a, b):
             start([BIN / "pserve", ROOT / "production.ini", f"http_port={port}"], port)
-        targets = {"direct": a}
-        dispatcher_port = free_port()
+        upstreams = [f"http://127.0.0.1:{port}" for port in (a, b)]
+        # target: (port, session of the proxy's processes; None: no proxy)
+        targets: dict[str, tuple[int, int | None]] = {"direct": (a, None)}
+        port = free_port()
         ini = tmp / "dispatcher.ini"
         ini.write_text(
-            DISPATCHER_INI.format(a=a, b=b, port=dispatcher_port, threads=args.threads)
+            DISPATCHER_INI.format(
+                a=a, b=b, port=port, threads=args.threads, server=SERVERS[args.server]
+            )
         )
         dispatcher = start(
             [BIN / "pserve", f"{ini}#dispatcher", "--server-name", "dispatcher"],
             "dispatcher",
         )
-        targets["dispatcher"] = dispatcher_port
+        targets["dispatcher"] = (port, dispatcher.pid)
         if nginx:
-            nginx_port = free_port()
+            port = free_port()
             conf = tmp / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(tmp=tmp, a=a, b=b, port=nginx_port))
-            start([nginx, "-c", conf, "-p", tmp], "nginx")
-            targets["nginx"] = nginx_port
+            conf.write_text(NGINX_CONF.format(tmp=tmp, a=a, b=b, port=port))
+            proc = start([nginx, "-c", conf, "-p", tmp], "nginx")
+            targets["nginx"] = (port, proc.pid)
         else:
             print("nginx is not installed: no nginx figures, no ratio")
-        for port in targets.values():
+        for name, (script, distributions, extra) in PEERS.items():
+            if args.no_peers:
+                break
+            versions = installed(distributions)
+            if versions is None:
+                print(
+                    f"{name}: {' and '.join(distributions)} not installed, skipped "
+                    "(pip install -e '.[bench]')"
+                )
+                continue
+            print(f"{name}: {versions}")
+            port = free_port()
+            argv = [sys.executable, Path(__file__).parent / "peers" / script]
+            argv += ["--port", str(port), *upstreams]
+            argv += [arg.format(threads=args.threads) for arg in extra]
+            targets[name] = (port, start(argv, name).pid)
+        for port, _ in targets.values():
             wait_for_port(port)
         # production.ini's demo warms up for 2 s, then the dispatcher's
-        # health checks must see it ready.
-        for port in (a, b, dispatcher_port):
+        # health checks must see it ready; through every proxy, /readyz
+        # also shows that it answers.
+        for port in {b, *(port for port, _ in targets.values())}:
             wait_for_ready(port)
         print(
             f"load: {load.__name__.removeprefix('run_')}, {args.connections} "
@@ -228,46 +331,24 @@ def main() -> int:
             results: dict[str, list[tuple[float, float, float]]] = {
                 t: [] for t in targets
             }
-            cpu_per_request: list[float] = []
-            load(f"http://127.0.0.1:{dispatcher_port}{path}", 1.0, args.connections)
+            cpu: dict[str, list[float]] = {
+                t: [] for t, (_, session) in targets.items() if session
+            }
+            for port, _ in targets.values():
+                load(f"http://127.0.0.1:{port}{path}", 1.0, args.connections)
             for _ in range(args.rounds):
-                for target, port in targets.items():
-                    before = cpu_seconds(dispatcher.pid)
+                for target, (port, session) in targets.items():
+                    before = cpu_seconds(session) if session else 0.0
                     outcome = load(
                         f"http://127.0.0.1:{port}{path}",
                         args.duration,
                         args.connections,
                     )
                     results[target].append(outcome)
-                    if target == "dispatcher":
-                        used = cpu_seconds(dispatcher.pid) - before
-                        cpu_per_request.append(
-                            used / (outcome[0] * args.duration) * 1e6
-                        )
-            print(f"\n{view} ({path})")
-            print(f"  {'target':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-            medians = {}
-            for target, runs in results.items():
-                rate, p50, p99 = (
-                    statistics.median(r[i] for r in runs) for i in range(3)
-                )
-                medians[target] = rate
-                print(f"  {target:<11} {rate:8.0f} {p50:8.2f} {p99:8.2f}")
-            if "nginx" in medians:
-                ratios = [
-                    d[0] / n[0]
-                    for d, n in zip(
-                        results["dispatcher"], results["nginx"], strict=True
-                    )
-                ]
-                print(
-                    f"  dispatcher/nginx: {statistics.median(ratios):.2f}x "
-                    f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
-                )
-            print(
-                "  dispatcher CPU per request: "
-                f"{statistics.median(cpu_per_request):.0f} µs"
-            )
+                    if session:
+                        used = cpu_seconds(session) - before
+                        cpu[target].append(used / (outcome[0] * args.duration) * 1e6)
+            report(view, path, results, cpu)
     finally:
         for proc in procs:
             try:

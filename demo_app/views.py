@@ -23,11 +23,29 @@ PAGE = """<!doctype html>
 <table>
 {rows}
 </table>
-<p>Reload the page: behind the dispatcher each request may land on another
-instance, while the session counter keeps counting.</p>
+<p id="story">{story}</p>
 </body>
 </html>
 """
+
+#: What a visitor sees on reloading, by whether the app pins clients.
+PINNED = (
+    "This browser is pinned to {instance} by the affinity cookie: behind the "
+    "dispatcher (sticky = cookie), every reload comes back to it while it is up. "
+    "Stop it (kill {pid}) and the next reload lands on another instance, which "
+    "pins you there; the visits counter, kept in the signed session cookie, "
+    "goes on counting. Without cookies (curl), each request goes to the next "
+    "instance."
+)
+MOVED = (
+    "You were pinned to {moved_from}, which is gone: {instance} took over and "
+    "pinned you here, and the visits counter went on counting."
+)
+UNPINNED = (
+    "Reload the page: behind the dispatcher each request may land on another "
+    "instance, while the visits counter, kept in the signed session cookie, "
+    "goes on counting."
+)
 
 
 def who(request) -> dict:
@@ -46,6 +64,16 @@ def who(request) -> dict:
     }
 
 
+def story(request, facts: dict) -> str:
+    """The sentence under the table: what this visitor sees on reloading."""
+    if facts["moved_from"]:
+        return MOVED.format(**facts)
+    # With affinity = session, the counter in the session pins the client.
+    if request.registry.settings.get("pyramid_lb.affinity", "off") != "off":
+        return PINNED.format(**facts)
+    return UNPINNED
+
+
 @view_config(route_name="home", request_method=("GET", "HEAD"))
 def home(request):
     facts = who(request)
@@ -54,7 +82,11 @@ def home(request):
         f"{html.escape(str(value))}</td></tr>"
         for name, value in facts.items()
     )
-    page = PAGE.format(instance=html.escape(facts["instance"]), rows=rows)
+    page = PAGE.format(
+        instance=html.escape(facts["instance"]),
+        rows=rows,
+        story=html.escape(story(request, facts)),
+    )
     return Response(page, content_type="text/html", charset="utf-8")
 
 

@@ -1,8 +1,9 @@
-"""Sets of client addresses (IPs, CIDR ranges, unix sockets) for allow-lists."""
+"""Addresses: IPs, CIDR ranges and unix sockets for allow-lists; hosts and ports."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -30,6 +31,49 @@ def parse_ip(text: str) -> IPAddress | None:
             # fe80::1%eth0 is the same host as fe80::1 for an allow-list
             return ipaddress.IPv6Address(text.partition("%")[0])
     return address
+
+
+def parse_port(text: str) -> str | None:
+    """A TCP port from 1 to 65535, normalised (``"080"`` is ``"80"``), or None."""
+    if 0 < len(text) <= 5 and text.isascii() and text.isdigit():
+        number = int(text)
+        if 0 < number < 65536:
+            return str(number)
+    return None
+
+
+# RFC 3986 reg-name, without the comma: a Host holding one is two hosts
+# joined by a proxy (or a forgery), never one name.
+_REG_NAME = re.compile(r"(?:[\w.~!$&'()*+;=-]|%[0-9A-Fa-f]{2})+", re.A)
+
+
+def parse_host(text: str) -> tuple[str, str | None] | None:
+    """``(name, port or None)`` of a ``Host`` value, or None when it is not one.
+
+    The name is a reg-name, an IPv4 address or a bracketed IPv6 one (kept
+    with its brackets). Nothing else passes: no whitespace, comma, slash,
+    userinfo or empty name.
+    """
+    if text.startswith("["):
+        end = text.find("]") + 1
+        name, rest = text[:end], text[end:]
+        if not end or ":" not in name or not is_ip(name[1:-1]):
+            return None
+    else:
+        name, colon, port = text.partition(":")
+        rest = colon + port
+        if not _REG_NAME.fullmatch(name):
+            return None
+    if not rest:
+        return name, None
+    port = parse_port(rest[1:])
+    return (name, port) if port and rest[0] == ":" else None
+
+
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IP address without a zone id (``fe80::1%eth0``
+    means nothing outside the sender's host)."""
+    return "%" not in text and parse_ip(text) is not None
 
 
 def is_unix_peer(remote_addr: str | None) -> bool:

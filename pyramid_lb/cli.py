@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import configparser
+import importlib.metadata
 import json
 import os
 import sys
+import textwrap
 import urllib.error
 import urllib.request
 
@@ -25,6 +28,24 @@ def serve(args) -> int:
     return 0
 
 
+def tcp_port(text: str) -> int:
+    """``--port``: 1 to 65535, or 0 for a free port the system picks."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a TCP port: expected 1 to 65535 (0: any free port)"
+        )
+    return int(text)
+
+
+def instance_count(text: str) -> int:
+    """A number of instances: 0 to 1000, as the ``instances`` setting allows."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 1000:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of instances: expected 0 to 1000"
+        )
+    return int(text)
+
+
 def admin_url(target: str) -> str:
     """The dispatcher's base URL: given, or read from an ini file."""
     if "://" in target:
@@ -35,9 +56,17 @@ def admin_url(target: str) -> str:
 
     from pyramid_lb.dispatcher.instance import listen_host
 
-    conf = loadcontext(
-        SERVER, "config:" + os.path.abspath(target), name="dispatcher"
-    ).local_conf
+    try:
+        conf = loadcontext(
+            SERVER, "config:" + os.path.abspath(target), name="dispatcher"
+        ).local_conf
+    except LookupError:
+        raise ValueError(
+            f"{target} has no [server:dispatcher] section to find the dispatcher "
+            "by; give its URL instead (e.g. http://127.0.0.1:8080)"
+        ) from None
+    except (configparser.Error, ImportError) as exc:
+        raise ValueError(f"{target}: {exc}") from None
     listen = str(conf.get("listen") or "").split()
     port = listen[0].rpartition(":")[2] if listen else conf.get("port", "8080")
     host = listen_host(conf) if listen or conf.get("host") else "127.0.0.1"
@@ -46,16 +75,25 @@ def admin_url(target: str) -> str:
     return f"http://{host}:{port}"
 
 
+def unreachable(target: str, base: str, reason) -> ValueError:
+    """The error for a dispatcher that does not answer, naming the URL tried."""
+    source = "" if base == target.rstrip("/") else f" (the dispatcher of {target})"
+    if isinstance(reason, OSError) and reason.strerror:
+        reason = reason.strerror  # without "[Errno 111]"
+    return ValueError(f"cannot reach {base}{source}: {reason}")
+
+
 def get_json(target: str, path: str) -> dict:
     """GET a dispatcher's JSON page."""
-    url = admin_url(target) + path
+    base = admin_url(target)
+    url = base + path
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         raise ValueError(f"{url}: {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise ValueError(f"cannot reach {target}: {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise unreachable(target, base, getattr(exc, "reason", exc)) from None
 
 
 def status(args) -> int:
@@ -71,8 +109,9 @@ def status(args) -> int:
 
 def post(target: str, action: str) -> dict:
     """POST an admin action to a dispatcher; its JSON answer."""
+    base = admin_url(target)
     request = urllib.request.Request(
-        admin_url(target) + "/_lb/" + action,
+        base + "/_lb/" + action,
         method="POST",
         headers={"X-Requested-With": "pyramid-lb"},
     )
@@ -81,12 +120,15 @@ def post(target: str, action: str) -> dict:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         try:
-            detail = json.load(exc).get("error", exc.reason)
+            answer = json.load(exc)
         except ValueError:
-            detail = exc.reason
-        raise ValueError(f"{exc.code} {detail}") from None
-    except urllib.error.URLError as exc:
-        raise ValueError(f"cannot reach {target}: {exc.reason}") from None
+            answer = {}
+        detail = answer.get("error", exc.reason)
+        if answer.get("running"):  # another life-cycle operation holds it
+            raise ValueError(f"{base} is busy: {detail}") from None
+        raise ValueError(f"{base}: {exc.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise unreachable(target, base, getattr(exc, "reason", exc)) from None
 
 
 def reload(args) -> int:
@@ -130,24 +172,72 @@ def fail(message: str) -> int:
     return 1
 
 
+def settings_epilog() -> str:
+    """The known settings' names, for ``serve --help`` (their docs: README)."""
+    from pyramid_lb.settings import ADDON_PREFIX, ADDON_SETTINGS, DISPATCHER_SETTINGS
+
+    def block(title: str, names) -> str:
+        return (
+            title
+            + "\n"
+            + textwrap.fill(
+                ", ".join(names), width=78, initial_indent="  ", subsequent_indent="  "
+            )
+        )
+
+    return "\n\n".join(
+        (
+            block("[app:dispatcher] settings:", (s.name for s in DISPATCHER_SETTINGS)),
+            block(
+                f"[app:main] {ADDON_PREFIX}* settings (the add-on):",
+                (ADDON_PREFIX + s.name for s in ADDON_SETTINGS),
+            ),
+            "Each is described in the settings reference of pyramid_lb's README.",
+        )
+    )
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("pyramid_lb")
+    except importlib.metadata.PackageNotFoundError:  # run from a bare checkout
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyramid-lb",
         description="Run and inspect Pyramid apps behind pyramid_lb.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser(
         "serve",
         help="run the dispatcher and the instances it spawns",
-        description="Run [app:dispatcher] of INI under [server:dispatcher], "
-        "with the instances it spawns (instances = N, ini_files).",
+        description="Run [app:dispatcher] of INI under [server:dispatcher], with "
+        "the instances\nit spawns (instances = N, ini_files).",
+        epilog=settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("ini", metavar="INI", help="the ini file")
     run.add_argument(
-        "--instances", type=int, metavar="N", help="spawn N copies of [app:main]"
+        "ini",
+        metavar="INI",
+        help="the ini file with [app:dispatcher], [server:dispatcher] and the "
+        "app's [app:main]/[server:main]",
     )
-    run.add_argument("--port", type=int, metavar="P", help="the dispatcher's port")
+    run.add_argument(
+        "--instances",
+        type=instance_count,
+        metavar="N",
+        help="spawn N copies of [app:main] (overrides instances = N)",
+    )
+    run.add_argument(
+        "--port",
+        type=tcp_port,
+        metavar="P",
+        help="the dispatcher's port, 1 to 65535 (overrides [server:dispatcher])",
+    )
     run.add_argument(
         "--no-dispatcher",
         action="store_true",
@@ -162,10 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument(
-            "target", metavar="URL|INI", help="the dispatcher, or its ini file"
+            "target",
+            metavar="URL|INI",
+            help="the dispatcher's URL (http://HOST:PORT), or the ini file to "
+            "read its [server:dispatcher] from",
         )
         if name == "scale":
-            command.add_argument("instances", type=int, metavar="N")
+            command.add_argument(
+                "instances",
+                type=instance_count,
+                metavar="N",
+                help="how many copies of [app:main] to run from now on",
+            )
         command.set_defaults(handler=handler)
 
     front = commands.add_parser(
@@ -175,8 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
         "[app:dispatcher] of INI does, in front of the instances that "
         "`pyramid-lb serve INI --no-dispatcher` runs.",
     )
-    front.add_argument("engine", choices=("nginx", "haproxy"))
-    front.add_argument("ini", metavar="INI", help="the ini file")
+    front.add_argument(
+        "engine",
+        choices=("nginx", "haproxy"),
+        help="the front end to write a configuration for: nginx or haproxy",
+    )
+    front.add_argument(
+        "ini", metavar="INI", help="the ini file with [app:dispatcher] to export"
+    )
     front.add_argument(
         "--listen",
         metavar="HOST:PORT",

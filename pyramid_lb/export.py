@@ -13,6 +13,7 @@ from pyramid_lb.affinity_cookie import sign
 from pyramid_lb.dispatcher import make_dispatcher
 from pyramid_lb.dispatcher.admin import PREFIX
 from pyramid_lb.dispatcher.cluster import parse_backend_url
+from pyramid_lb.dispatcher.proxy import FORWARDING_HEADERS
 from pyramid_lb.settings import SettingsError
 
 ENGINES = ("nginx", "haproxy")
@@ -164,22 +165,34 @@ http {
 """
 
 _NGINX_PROXY = """\
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Forwarded-Host $http_host;
-            proxy_set_header X-Forwarded-Port $server_port;
             # nginx OSS has only passive health checks: health_check_path is
             # not probed, so a draining instance keeps getting requests until
             # it stops. An instance is left alone for fail_timeout (eject_time)
-            # after max_fails (eject_after) failed requests: connection errors
-            # and 502/503/504 answers, retried on another instance unless a
-            # request with a non-idempotent method (POST...) already went out.
-            # Timeouts, connect ones included here, count but are not retried.
-            proxy_next_upstream error http_502 http_503 http_504;
+            # after max_fails (eject_after) failed attempts: connection errors
+            # and timeouts, retried on another instance unless a request with
+            # a non-idempotent method (POST...) already went out. An answer is
+            # never one: an app's own 503 (with its Retry-After) reaches the
+            # client as it is, and does not take the instance out.
+            proxy_next_upstream error timeout;
 """
+# Forwarding headers a client may send that a front end would pass on, besides
+# those it sets: nginx cannot drop headers by prefix, so the X-Forwarded-*
+# ones in use are named.
+_CLEARED = (
+    "X-Forwarded-By",
+    "X-Forwarded-Server",
+    "X-Forwarded-Ssl",
+    "X-Forwarded-Scheme",
+    "X-Forwarded-Protocol",
+    "X-Forwarded-Uri",
+    *FORWARDING_HEADERS,
+)
+# The header a trusted front names the client in, for nginx's realip.
+_REAL_IP_HEADERS = {
+    "x-forwarded-for": "X-Forwarded-For",
+    "x-real-ip": "X-Real-IP",
+    "cf-connecting-ip": "CF-Connecting-IP",
+}
 
 
 def _nginx_var(kind: str, name: str) -> str:
@@ -235,11 +248,13 @@ def _nginx_method(site: Site) -> tuple[list[str], list[str]]:
         key = "$pyramid_lb_hash_key"
         maps = [f"    map {var} {key} {{", '        "" $request_id;']
         maps += [f"        default {var};", "    }", ""]
-    return [
-        "        # nginx has no bounded loads (hash_balance): a hot key stays on",
-        "        # its instance however loaded.",
-        f"        hash {key} consistent;",
-    ], maps
+    comment = []
+    if settings["hash_balance"] is not None:
+        comment = [
+            "        # nginx has no bounded loads (hash_balance): a hot key stays on",
+            "        # its instance however loaded.",
+        ]
+    return [*comment, f"        hash {key} consistent;"], maps
 
 
 def _nginx_sticky(site: Site) -> list[str]:
@@ -280,13 +295,123 @@ def _nginx_sticky(site: Site) -> list[str]:
     return lines
 
 
+def _trust(site: Site) -> tuple[list[str], int | str, frozenset[str]]:
+    """The trusted fronts' networks (``*`` for anyone), their count, headers."""
+    settings = site.settings
+    proxies = settings["trusted_proxies"]
+    networks = ["*"] if proxies.anyone else [str(n) for n in proxies.networks]
+    return networks, settings["trusted_proxy_count"], settings["trusted_headers"]
+
+
+# The nearest (last) value of a list header, read by the maps below.
+_NEAREST = "(?:.*,[ \\t]*)?"
+
+
+def _nginx_forwarded(site: Site) -> tuple[list[str], list[str]]:
+    """What the instances are told: the http-level lines working it out, and
+    the location's ``proxy_set_header`` lines."""
+    networks, count, headers = _trust(site)
+    http = [
+        "    # What the instances are told, as the dispatcher tells them: the",
+        "    # client's own address, scheme and Host, and as X-Forwarded-Port the",
+        "    # port of that Host (else the scheme's default), not nginx's own:",
+        "    # behind a port mapping the app still builds its clients' URLs.",
+    ]
+    scheme, host, port, chain = "$scheme", "$http_host", "", "$remote_addr"
+    prefix = '""'
+    if networks:
+        if count not in (1, "auto"):
+            raise ExportError(
+                f"trusted_proxy_count = {count}: nginx's realip trusts one hop, "
+                "or every trusted one (auto); use 1 or auto"
+            )
+        http += [
+            "    # Trusted fronts (trusted_proxies). The nearest value of each",
+            "    # header they set is read.",
+            *(
+                f"    set_real_ip_from {n};"
+                for n in (["0.0.0.0/0", "::/0"] if "*" in networks else networks)
+            ),
+        ]
+        client = [_REAL_IP_HEADERS[h] for h in headers if h in _REAL_IP_HEADERS]
+        if client:
+            http.append(f"    real_ip_header {client[0]};")
+            if count == "auto":
+                http.append("    real_ip_recursive on;")
+        http += [
+            "    geo $realip_remote_addr $pyramid_lb_trusted {",
+            f"        default {1 if '*' in networks else 0};",
+            *(f"        {n} 1;" for n in networks if n != "*"),
+            "    }",
+            "    # A trusted front's chain goes on, the client it names last.",
+            "    map $pyramid_lb_trusted $pyramid_lb_forwarded_for {",
+            "        1 $proxy_add_x_forwarded_for;",
+            "        default $remote_addr;",
+            "    }",
+        ]
+        chain = "$pyramid_lb_forwarded_for"
+        if "x-forwarded-proto" in headers:
+            http += [
+                '    map "$pyramid_lb_trusted|$http_x_forwarded_proto" '
+                "$pyramid_lb_scheme {",
+                f'        "~*^1\\|{_NEAREST}https[ \\t]*$" https;',
+                f'        "~*^1\\|{_NEAREST}http[ \\t]*$" http;',
+                "        default $scheme;",
+                "    }",
+            ]
+            scheme = "$pyramid_lb_scheme"
+        for header, pattern, fallback in (
+            ("host", "[^, \\t]+", "$http_host"),
+            ("port", "[0-9]+", '""'),
+            ("prefix", "/[^,]*?", '""'),
+        ):
+            if f"x-forwarded-{header}" in headers:
+                http += [
+                    f'    map "$pyramid_lb_trusted|$http_x_forwarded_{header}" '
+                    f"$pyramid_lb_{header}_trusted {{",
+                    f'        "~^1\\|{_NEAREST}(?<pyramid_lb_{header}_value>{pattern})'
+                    f'[ \\t]*$" $pyramid_lb_{header}_value;',
+                    f"        default {fallback};",
+                    "    }",
+                ]
+        if "x-forwarded-host" in headers:
+            host = "$pyramid_lb_host_trusted"
+        if "x-forwarded-port" in headers:
+            port = "$pyramid_lb_port_trusted"
+        if "x-forwarded-prefix" in headers:
+            prefix = "$pyramid_lb_prefix_trusted"
+    http += [
+        f'    map "{port}|{scheme}|{host}" $pyramid_lb_port {{',
+        '        "~^(?<pyramid_lb_forwarded>[0-9]+)\\|" $pyramid_lb_forwarded;',
+        '        "~:(?<pyramid_lb_explicit>[0-9]+)$" $pyramid_lb_explicit;',
+        '        "~*^\\|https\\|" 443;',
+        "        default 80;",
+        "    }",
+        "",
+    ]
+    location = [
+        "            proxy_http_version 1.1;",
+        '            proxy_set_header Connection "";',
+        f"            proxy_set_header Host {host};",
+        f"            proxy_set_header X-Forwarded-For {chain};",
+        f"            proxy_set_header X-Forwarded-Proto {scheme};",
+        f"            proxy_set_header X-Forwarded-Host {host};",
+        "            proxy_set_header X-Forwarded-Port $pyramid_lb_port;",
+        f"            proxy_set_header X-Forwarded-Prefix {prefix};",
+        "            # Other forwarding headers a client wrote are not passed on.",
+        *(f'            proxy_set_header {name} "";' for name in _CLEARED),
+    ]
+    return http, location
+
+
 def nginx(site: Site) -> str:
     """A complete nginx.conf for the site."""
     settings = site.settings
     run = 'nginx -p "$PWD" -c "$PWD/nginx.conf" -e stderr -g \'daemon off;\''
     lines = _header(site, "nginx", "nginx.conf", run) + _NGINX_MAIN.splitlines()
     method, maps = _nginx_method(site)
-    lines += [""] + maps
+    forwarded, headers = _nginx_forwarded(site)
+    lines += [""] + forwarded + maps
     target = "pyramid_lb"
     pinned: list[str] = []
     if settings["sticky"] != "off":
@@ -306,6 +431,7 @@ def nginx(site: Site) -> str:
         "",
         "        location / {",
         f"            proxy_pass http://{target};",
+        *headers,
         *_NGINX_PROXY.splitlines(),
         f"            proxy_next_upstream_tries {settings['retries'] + 1};",
         f"            proxy_connect_timeout {_time(settings['connect_timeout'])};",
@@ -338,6 +464,90 @@ def _haproxy_word(key: str, name: str) -> str:
     return name
 
 
+def _haproxy_forwarded(site: Site) -> list[str]:
+    """Frontend lines setting what the instances are told (as nginx's do)."""
+    networks, count, headers = _trust(site)
+    lines = [
+        "    # What the instances are told, as the dispatcher tells them: the",
+        "    # client's own address, scheme and Host, and as X-Forwarded-Port the",
+        "    # port of that Host (else the scheme's default), not HAProxy's own.",
+        "    http-request set-var(txn.pyramid_lb_proto) ssl_fc,iif(https,http)",
+        "    http-request set-var(txn.pyramid_lb_host) req.hdr(host)",
+    ]
+    trusted = set()
+    if networks:
+        if count == "auto":
+            raise ExportError(
+                "trusted_proxy_count = auto: HAProxy has no equal; give the "
+                "number of trusted proxies"
+            )
+        trusted = set(headers)
+        addresses = " ".join("0.0.0.0/0 ::/0" if n == "*" else n for n in networks)
+        lines[3:3] = [
+            "    # Trusted fronts (trusted_proxies).",
+            f"    acl pyramid_lb_trusted src {addresses}",
+        ]
+
+    def from_front(header: str, target: str, value: str, test: str = "") -> str:
+        test = test or f"req.hdr_cnt({header}) gt 0"
+        return f"    http-request {target} {value} if pyramid_lb_trusted {{ {test} }}"
+
+    proto = f"req.hdr(x-forwarded-proto,-{count}),lower"
+    if "x-forwarded-proto" in trusted:
+        lines.append(
+            from_front(
+                "", "set-var(txn.pyramid_lb_proto)", proto, f"{proto} -m str http https"
+            )
+        )
+    if "x-forwarded-host" in trusted:
+        lines.append(
+            from_front(
+                "x-forwarded-host",
+                "set-var(txn.pyramid_lb_host)",
+                f"req.hdr(x-forwarded-host,-{count})",
+            )
+        )
+    port = "set-var(txn.pyramid_lb_port)"
+    lines += [
+        f"    http-request {port} var(txn.pyramid_lb_host),port_only",
+        f"    http-request {port} int(443) if {{ var(txn.pyramid_lb_port) -m int 0 }} "
+        "{ var(txn.pyramid_lb_proto) -m str https }",
+        f"    http-request {port} int(80) if {{ var(txn.pyramid_lb_port) -m int 0 }}",
+    ]
+    if "x-forwarded-port" in trusted:
+        lines.append(
+            from_front("x-forwarded-port", port, f"req.hdr(x-forwarded-port,-{count})")
+        )
+    client = [h for h in _REAL_IP_HEADERS if h in trusted]
+    if client:
+        hop = f"-{count}" if client[0] == "x-forwarded-for" else "-1"
+        lines.append(from_front(client[0], "set-src", f"hdr_ip({client[0]},{hop})"))
+    kept = {"X-Forwarded-For", "X-Forwarded-Prefix"}
+    lines += [
+        "    # Forwarding headers a client wrote are not passed on; a trusted",
+        "    # front's X-Forwarded-For chain and prefix are.",
+        *(
+            f"    http-request del-header {name}"
+            + (" if !pyramid_lb_trusted" if name.lower() in trusted else "")
+            for name in sorted(kept)
+        ),
+        *(
+            f"    http-request del-header {name}"
+            for name in ("X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port")
+            + _CLEARED
+        ),
+        "    # The client goes last in X-Forwarded-For, where instances look.",
+        "    option forwardfor",
+    ]
+    if "x-forwarded-host" in trusted:
+        lines.append("    http-request set-header Host %[var(txn.pyramid_lb_host)]")
+    return lines + [
+        "    http-request set-header X-Forwarded-Proto %[var(txn.pyramid_lb_proto)]",
+        "    http-request set-header X-Forwarded-Host %[var(txn.pyramid_lb_host)]",
+        "    http-request set-header X-Forwarded-Port %[var(txn.pyramid_lb_port)]",
+    ]
+
+
 def haproxy(site: Site) -> str:
     """A complete HAProxy configuration for the site."""
     settings = site.settings
@@ -365,10 +575,7 @@ def haproxy(site: Site) -> str:
         "    # Bodies announced above max_body_size (a chunked body is not measured).",
         "    http-request deny deny_status 413 if "
         f"{{ req.hdr_val(content-length) gt {settings['max_body_size']} }}",
-        "    option forwardfor",
-        "    http-request set-header X-Forwarded-Proto %[ssl_fc,iif(https,http)]",
-        "    http-request set-header X-Forwarded-Host %[req.hdr(host)]",
-        "    http-request set-header X-Forwarded-Port %[dst_port]",
+        *_haproxy_forwarded(site),
         "    default_backend pyramid_lb",
         "",
         "backend pyramid_lb",
@@ -376,14 +583,17 @@ def haproxy(site: Site) -> str:
     if settings["strategy"] == "hash":
         kind, _, name = settings["hash_key"].partition(":")
         _haproxy_word("hash_key", name)
-        factor = max(101, round(settings["hash_balance"] * 100))
         lines += [
             f"    balance {_HAPROXY_BALANCE[kind].format(name)}",
             "    hash-type consistent",
-            "    # bounded loads: an instance takes at most hash_balance times the",
-            "    # average, in percent (above 100)",
-            f"    hash-balance-factor {factor}",
         ]
+        if settings["hash_balance"] is not None:
+            factor = max(101, round(settings["hash_balance"] * 100))
+            lines += [
+                "    # bounded loads: an instance takes at most hash_balance times",
+                "    # the average, in percent (above 100)",
+                f"    hash-balance-factor {factor}",
+            ]
     else:
         lines.append(f"    balance {_HAPROXY_BALANCE[settings['strategy']]}")
     cookie = _haproxy_word("affinity_cookie", settings["affinity_cookie"])
@@ -405,9 +615,10 @@ def haproxy(site: Site) -> str:
         f"rise {settings['rise']} fall {settings['fall']}"
     )
     if settings["eject_after"]:
-        # The dispatcher's ejection: that many failures in a row take an
-        # instance out, until its health checks pass again.
-        checks += f" observe layer7 error-limit {settings['eject_after']}"
+        # The dispatcher's ejection: that many connection failures in a row
+        # take an instance out, until its health checks pass again. Layer 4
+        # only: at layer 7 an app's own 503s would count.
+        checks += f" observe layer4 error-limit {settings['eject_after']}"
         checks += " on-error mark-down"
     lines += [
         "    # A failed connection is retried on another instance, even past a",

@@ -25,6 +25,11 @@ Choices where the headers say little:
 - When a scheme or port is forwarded without a host, the client's ``Host``
   (else ``SERVER_NAME``) is kept and its port worked out again: the scheme's
   default if it has none. A ``Host`` that does not parse is then a 400.
+- A forwarded port wins over the host's; a host's explicit port is kept as
+  written when it is the port (``example.com:443`` stays so over https), as
+  the app would see it reached directly.
+- X-Real-IP and CF-Connecting-IP name the client alone: one address, no
+  port, no chain. Only one header that names the client may be trusted.
 - Only the trusted part of a header is validated (and kept); what a client
   wrote further left is neither trusted nor an error.
 
@@ -44,7 +49,7 @@ from pyramid.exceptions import ConfigurationError
 from pyramid.response import Response
 from pyramid.tweens import INGRESS
 
-from pyramid_lb.addresses import AddressSet, parse_ip
+from pyramid_lb.addresses import AddressSet, is_ip, parse_host, parse_ip, parse_port
 from pyramid_lb.settings import (
     ADDON_PREFIX,
     FORWARDED_SETTINGS,
@@ -72,6 +77,8 @@ _HOST = "HTTP_X_FORWARDED_HOST"
 _PORT = "HTTP_X_FORWARDED_PORT"
 _PREFIX = "HTTP_X_FORWARDED_PREFIX"
 _BY = "HTTP_X_FORWARDED_BY"
+_REAL_IP = "HTTP_X_REAL_IP"
+_CF_IP = "HTTP_CF_CONNECTING_IP"
 
 # environ key -> the header's name as users know it
 _NAMES = {
@@ -82,6 +89,8 @@ _NAMES = {
     _PORT: "X-Forwarded-Port",
     _PREFIX: "X-Forwarded-Prefix",
     _BY: "X-Forwarded-By",
+    _REAL_IP: "X-Real-IP",
+    _CF_IP: "CF-Connecting-IP",
 }
 _KEYS = tuple(_NAMES)
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
@@ -92,7 +101,6 @@ _PAIR = re.compile(rf"[ \t]*({_TOKEN})=({_TOKEN}|{_QUOTED})[ \t]*")
 _OWS = re.compile(r"[ \t]*")
 _QUOTED_PAIR = re.compile(r"\\(.)", re.S)
 _OBFUSCATED = re.compile(r"_[\w.-]+", re.A)
-_REG_NAME = re.compile(r"(?:[\w.~!$&'()*+;=-]|%[0-9A-Fa-f]{2})+", re.A)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -118,40 +126,13 @@ def _shown(value: str, limit: int = 40) -> str:
 # Each returns the normalised value, or None when it is not valid.
 
 
-def _port(text: str) -> str | None:
-    if 0 < len(text) <= 5 and text.isascii() and text.isdigit():
-        number = int(text)
-        if 0 < number < 65536:
-            return str(number)
-    return None
-
-
 def _proto(text: str) -> str | None:
     text = text.lower()
     return text if text in _DEFAULT_PORTS else None
 
 
-def _ip(text: str) -> bool:
-    # a zone id (fe80::1%eth0) means nothing outside the proxy's host
-    return "%" not in text and parse_ip(text) is not None
-
-
-def _host(text: str) -> tuple[str, str | None] | None:
-    """``(name, port or None)`` of a reg-name, IPv4 or ``[IPv6]`` host."""
-    if text.startswith("["):
-        end = text.find("]") + 1
-        name, rest = text[:end], text[end:]
-        if not end or ":" not in name or not _ip(name[1:-1]):
-            return None
-    else:
-        name, colon, port = text.partition(":")
-        rest = colon + port
-        if not _REG_NAME.fullmatch(name):
-            return None
-    if not rest:
-        return name, None
-    port = _port(rest[1:])
-    return (name, port) if port and rest[0] == ":" else None
+def _single_ip(text: str) -> str | None:
+    return text if is_ip(text) else None
 
 
 def _prefix(text: str) -> str | None:
@@ -175,16 +156,16 @@ def _node(text: str, rfc7239: bool = False) -> tuple[str | None, str | None] | N
     if text.startswith("["):
         end = text.find("]")
         address, rest = text[1:end], text[end + 1 :]
-        if end < 0 or ":" not in address or not _ip(address):
+        if end < 0 or ":" not in address or not is_ip(address):
             return None
     elif not rfc7239 and text.count(":") > 1:
-        return (text, None) if _ip(text) else None
+        return (text, None) if is_ip(text) else None
     else:
         address, colon, port = text.partition(":")
         rest = colon + port
         if rfc7239 and (address.lower() == "unknown" or _OBFUSCATED.fullmatch(address)):
             address = None
-        elif not _ip(address):
+        elif not is_ip(address):
             return None
     if not rest:
         return address, None
@@ -192,7 +173,7 @@ def _node(text: str, rfc7239: bool = False) -> tuple[str | None, str | None] | N
         return None
     if rfc7239 and _OBFUSCATED.fullmatch(rest[1:]):
         return address, None
-    port = _port(rest[1:])
+    port = parse_port(rest[1:])
     return (address, port) if port else None
 
 
@@ -315,6 +296,9 @@ class ProxyHeaders:
 
     def _x_forwarded(self, environ, changes) -> None:
         hops = self._count
+        for key in (_REAL_IP, _CF_IP):
+            if key in self._trusted_keys:
+                self._single_client(environ, changes, key)
         values = _split(environ.get(_FOR)) if _FOR in self._trusted_keys else []
         index = None
         if values and self._auto:
@@ -333,12 +317,22 @@ class ProxyHeaders:
                 # addresses only: WebOb's client_addr reads the first one as is
                 changes[_FOR] = ", ".join(address for address, _ in nodes)
         proto = self._pick(environ, changes, _PROTO, hops, _proto, "http or https")
-        host = self._pick(environ, changes, _HOST, hops, _host, "a host[:port]")
-        port = self._pick(environ, changes, _PORT, hops, _port, "a port")
+        host = self._pick(environ, changes, _HOST, hops, parse_host, "a host[:port]")
+        port = self._pick(environ, changes, _PORT, hops, parse_port, "a port")
         prefix = self._pick(environ, changes, _PREFIX, hops, _prefix, "a path")
         self._location(environ, changes, proto, host, port)
         if prefix is not None:
             changes["SCRIPT_NAME"] = prefix + environ.get("SCRIPT_NAME", "")
+
+    def _single_client(self, environ, changes, key) -> None:
+        """The client named by X-Real-IP or CF-Connecting-IP: one address."""
+        value = environ.get(key)
+        if not value or value.isspace():
+            return
+        address = _checked(key, value.strip(" \t"), _single_ip, "one IP address")
+        changes["REMOTE_ADDR"], changes["REMOTE_PORT"] = address, None
+        if self.clear_untrusted:
+            changes[key] = address
 
     @staticmethod
     def _for(value: str) -> tuple[str, str | None]:
@@ -380,7 +374,7 @@ class ProxyHeaders:
             if "proto" in params:
                 proto = _checked(_FORWARDED, params["proto"], _proto, "http or https")
             if "host" in params:
-                host = _checked(_FORWARDED, params["host"], _host, "a host[:port]")
+                host = _checked(_FORWARDED, params["host"], parse_host, "a host[:port]")
         if len(elements) >= hops and node is not None and node[0] is not None:
             changes["REMOTE_ADDR"], changes["REMOTE_PORT"] = node
         if self.clear_untrusted:
@@ -406,20 +400,22 @@ class ProxyHeaders:
             return
         scheme = proto or environ.get("wsgi.url_scheme", "http")
         if host is None and "HTTP_HOST" in environ:
-            host = _host(environ["HTTP_HOST"])
+            host = parse_host(environ["HTTP_HOST"])
             if host is None:
                 raise MalformedHeader(
                     "Host", f"{_shown(environ['HTTP_HOST'])} is not a host[:port]"
                 )
+        default = _DEFAULT_PORTS.get(scheme)
         if host is not None:
             name, host_port = host
-            changes["HTTP_HOST"] = name
+            port = port or host_port or default or environ.get("SERVER_PORT")
+            if port == host_port:  # as the client wrote it, default port or not
+                changes["HTTP_HOST"] = f"{name}:{port}"
+            else:
+                changes["HTTP_HOST"] = name if port == default else f"{name}:{port}"
         else:
-            name, host_port = environ.get("SERVER_NAME", ""), None
-        default = _DEFAULT_PORTS.get(scheme)
-        port = port or host_port or default or environ.get("SERVER_PORT")
-        if "HTTP_HOST" in changes and port != default:
-            changes["HTTP_HOST"] = f"{name}:{port}"
+            name = environ.get("SERVER_NAME", "")
+            port = port or default or environ.get("SERVER_PORT")
         changes["wsgi.url_scheme"] = scheme
         changes["SERVER_NAME"] = name
         changes["SERVER_PORT"] = port

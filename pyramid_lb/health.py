@@ -25,6 +25,8 @@ from pyramid.registry import Registry
 from pyramid.response import Response
 from zope.interface import Interface
 
+from pyramid_lb.server import handles_sigterm
+
 log = logging.getLogger(__name__)
 
 LIVENESS = "liveness"
@@ -337,7 +339,20 @@ def add_health_check(
     (the default) or ``"liveness"``; ``timeout`` defaults to
     ``pyramid_lb.check_timeout``; a failing check that is not ``critical``
     turns the status to ``warn`` and the probe still answers 200.
+
+    Arguments are checked as strictly as settings: ``critical`` is True or
+    False (``"no"`` would otherwise be a true value), ``timeout`` a number.
     """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(
+            f"add_health_check: name = {name!r} is not valid: expected a "
+            "non-empty string (it names the check in the health answers)"
+        )
+    if not isinstance(critical, bool):
+        raise ConfigurationError(
+            f"add_health_check({name!r}): critical = {critical!r} is not valid: "
+            "expected True or False"
+        )
     if kind not in (READINESS, LIVENESS):
         raise ConfigurationError(
             f"add_health_check({name!r}): kind = {kind!r} is not valid: "
@@ -373,6 +388,7 @@ def drain_on_sigterm(health: Health, grace: float) -> None:
     """
     stopping = threading.Event()
 
+    @handles_sigterm
     def on_sigterm(signum, frame):
         if stopping.is_set():
             raise SystemExit(0)

@@ -192,6 +192,16 @@ def factor(value: Any) -> float:
     return number
 
 
+def factor_or_off(value: Any) -> float | None:
+    """``off`` (None), or a number >= 1."""
+    if isinstance(value, str) and value.strip().lower() == "off":
+        return None
+    try:
+        return factor(value)
+    except ValueError:
+        raise ValueError("expected off or a number >= 1, e.g. 1.25") from None
+
+
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -227,10 +237,29 @@ def parse(
     if reject_unknown:
         unknown = sorted(k for k in raw if k.startswith(prefix) and k not in known)
         if unknown:
-            raise SettingsError(
-                f"unknown setting {unknown[0]!r}; known settings are: "
-                + ", ".join(sorted(known))
-            )
+            # Imported here: only a start-up that is about to fail needs it.
+            import difflib
+
+            key = unknown[0]
+            # Compared without the prefix, which every key shares and which
+            # would make any two keys look alike.
+            names = [setting.name for setting in table]
+            close = difflib.get_close_matches(key[len(prefix) :], names, 1, 0.6)
+            if close:
+                raise SettingsError(
+                    f"unknown setting {key!r}; did you mean {prefix + close[0]!r}?"
+                )
+            # A list of thirty keys on one line is read by nobody: name a
+            # few only when there are few.
+            if len(known) <= 8:
+                listed = "known settings: " + ", ".join(sorted(known))
+            else:
+                kind = f"{prefix}* settings" if prefix else "settings"
+                listed = (
+                    f"it is none of the {len(known)} known {kind} "
+                    "(`pyramid-lb serve --help` lists them)"
+                )
+            raise SettingsError(f"unknown setting {key!r}; {listed}")
     result = {}
     for key, setting in known.items():
         explicit = key in raw
@@ -264,7 +293,11 @@ FORWARDED_HEADERS = (
     "x-forwarded-host",
     "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-real-ip",
+    "cf-connecting-ip",
 )
+#: Headers that name the client; a request can have only one source of truth.
+CLIENT_HEADERS = ("x-forwarded-for", "x-real-ip", "cf-connecting-ip")
 
 
 def proxy_count(value: Any) -> int | str:
@@ -312,7 +345,9 @@ FORWARDED_SETTINGS = (
         "x-forwarded-for x-forwarded-proto x-forwarded-host x-forwarded-port",
         "Headers applied from trusted proxies: any of "
         + ", ".join(f"`{name}`" for name in FORWARDED_HEADERS)
-        + " (`forwarded` cannot be mixed with the others).",
+        + " (`forwarded` cannot be mixed with the others, and only one of "
+        + ", ".join(f"`{name}`" for name in CLIENT_HEADERS)
+        + " names the client).",
     ),
     Setting(
         "clear_untrusted",
@@ -409,6 +444,12 @@ def check_forwarded(values: Mapping[str, Any], prefix: str = "") -> None:
             f"{prefix}trusted_headers: 'forwarded' cannot be trusted together with "
             "X-Forwarded-* headers (RFC 7239 section 7.4: their relative order is "
             "unknowable); choose one kind"
+        )
+    clients = sorted(headers.intersection(CLIENT_HEADERS))
+    if len(clients) > 1:
+        raise SettingsError(
+            f"{prefix}trusted_headers: {clients[0]!r} and {clients[1]!r} both name "
+            "the client; trust one of them"
         )
     proxies = values[prefix + "trusted_proxies"]
     if values[prefix + "trusted_proxy_count"] == "auto" and proxies.anyone:
@@ -538,10 +579,12 @@ DISPATCHER_SETTINGS = (
     ),
     Setting(
         "hash_balance",
-        factor,
-        "1.25",
-        "With `strategy = hash`, an instance above this many times the average "
-        "load passes its keys to the next one (bounded loads).",
+        factor_or_off,
+        "off",
+        "With `strategy = hash`: `off` keeps every key on its instance however "
+        "loaded; a factor such as `1.25` turns on bounded loads, where an "
+        "instance above that many times the average load passes new requests "
+        "of its keys to the next one (which lacks any state kept for them).",
     ),
     Setting(
         "retries",
@@ -691,6 +734,10 @@ DISPATCHER_SETTINGS = (
         "Secret that signs the affinity cookie, the same as the add-on's "
         "`pyramid_lb.affinity_secret`.",
     ),
+    # Whom the dispatcher trusts in front of it: the add-on's settings,
+    # meaning and all (clear_untrusted aside: the dispatcher always writes
+    # its own view for the instances).
+    *(s for s in FORWARDED_SETTINGS if s.name != "clear_untrusted"),
     Setting(
         "via_name",
         optional(text),
@@ -698,12 +745,22 @@ DISPATCHER_SETTINGS = (
         "The name this dispatcher adds to Via (default: host name and pid); a "
         "request that already carries it is a loop and gets 508.",
     ),
+    Setting(
+        "admin_hosts",
+        words,
+        "",
+        "Names (`name`, or `name:port`) the dispatcher is reached by besides "
+        "localhost and its IP addresses: an admin action whose Origin (or Host) "
+        "names another host is refused, so that no page can act through DNS "
+        "rebinding.",
+    ),
 )
 
 
 def parse_dispatcher(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Parse the keys of an ``[app:dispatcher]`` section."""
     values = parse(DISPATCHER_SETTINGS, raw)
+    check_forwarded(values)
     if values["sticky"] != "off" and not values["affinity_secret"]:
         raise SettingsError(
             f"sticky = {values['sticky']!r} needs affinity_secret (the secret "

@@ -69,7 +69,9 @@ def format_stats(stats: dict, now: float | None = None) -> str:
     )
     if stats.get("panic"):
         summary += "; PANIC MODE: every instance looks bad, all are tried"
-    if stats.get("rolling"):
+    if stats.get("operation"):
+        summary += f"; {stats['operation']} under way"
+    elif stats.get("rolling"):  # a dispatcher from before "operation"
         summary += "; rolling restart under way"
     lines.append("")
     lines.append(summary)

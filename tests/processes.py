@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -144,11 +145,12 @@ use = egg:pyramid_lb#dispatcher
 {settings}
 
 [server:main]
-use = egg:waitress#main
+use = egg:pyramid_lb#waitress
 host = 127.0.0.1
 port = 0
 threads = 16
 outbuf_high_watermark = 1048576
+{server}
 """
 
 
@@ -184,14 +186,16 @@ class Processes:
         )
         return Instance(name, process, f"http://127.0.0.1:{process.port()}")
 
-    def dispatcher(self, backends, **settings) -> tuple[Process, str]:
-        """``pserve`` of a dispatcher over ``backends`` (instances or URLs)."""
+    def dispatcher(self, backends, server=None, **settings) -> tuple[Process, str]:
+        """``pserve`` of a dispatcher over ``backends`` (instances or URLs);
+        ``server`` adds keys to its server section."""
         urls = [getattr(b, "url", b) for b in backends]
         settings = {"backends": " ".join(urls), **settings}
         path = self.tmp_path / f"dispatcher-{len(self.started)}.ini"
         path.write_text(
             DISPATCHER_INI.format(
-                settings="\n".join(f"{k} = {v}" for k, v in settings.items())
+                settings="\n".join(f"{k} = {v}" for k, v in settings.items()),
+                server="\n".join(f"{k} = {v}" for k, v in (server or {}).items()),
             )
             + LOGGING_INI
         )
@@ -218,3 +222,28 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
 def get(url: str, **kw) -> requests.Response:
     kw.setdefault("timeout", 10)
     return requests.get(url, **kw)
+
+
+def slow_download(port: int, target: str, size: int, midway) -> int:
+    """GET ``target`` on 127.0.0.1:``port`` as a slow client (a small receive
+    buffer, a pause between reads), calling ``midway()`` once 2 MB are in;
+    how many body bytes arrived before the end or the close."""
+    with socket.create_connection(("127.0.0.1", port), 10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+        length, called = len(body), False
+        while length < size:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            length += len(piece)
+            if not called and length > 2 << 20:
+                midway()
+                called = True
+            time.sleep(0.002)  # the rest waits in buffers meanwhile
+    return length

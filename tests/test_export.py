@@ -135,8 +135,14 @@ STICKY = f"affinity_secret = {SECRET}\nsticky = "
         pytest.param(
             "strategy = hash",
             "nginx",
-            ["hash $remote_addr consistent;", "no bounded loads"],
+            ["hash $remote_addr consistent;"],
             id="hash client nginx",
+        ),
+        pytest.param(
+            "strategy = hash\nhash_balance = 1.25",
+            "nginx",
+            ["hash $remote_addr consistent;", "no bounded loads"],
+            id="hash bounded nginx",
         ),
         pytest.param(
             "strategy = hash\nhash_balance = 1.5",
@@ -175,7 +181,7 @@ STICKY = f"affinity_secret = {SECRET}\nsticky = "
         pytest.param(
             "strategy = hash\nhash_key = cookie:sid",
             "haproxy",
-            ["balance hash req.cook(sid)", "hash-balance-factor 125"],
+            ["balance hash req.cook(sid)", "hash-type consistent"],
             id="hash cookie haproxy",
         ),
         pytest.param(
@@ -254,7 +260,7 @@ STICKY = f"affinity_secret = {SECRET}\nsticky = "
                 "proxy_read_timeout 30s;",
                 "keepalive 8;",
                 "proxy_next_upstream_tries 2;",
-                "proxy_next_upstream error http_502 http_503 http_504;",
+                "proxy_next_upstream error timeout;",
             ],
             id="limits nginx",
         ),
@@ -280,6 +286,14 @@ def test_settings_map_to_directives(tmp_path, settings, engine, expected):
     check_config(engine, config_file(tmp_path, engine))
 
 
+@pytest.mark.parametrize("engine", ["nginx", "haproxy"])
+def test_a_hashed_key_stays_home_unless_bounded_loads_are_asked_for(tmp_path, engine):
+    for balance, bounded in (("", False), ("hash_balance = 2\n", True)):
+        text = export(tmp_path, engine, f"strategy = hash\n{balance}")
+        word = "no bounded loads" if engine == "nginx" else "hash-balance-factor"
+        assert (word in text) is bounded
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_complete_config_with_forwarded_headers_and_no_admin(tmp_path, engine):
     text = export(tmp_path, engine)
@@ -290,7 +304,10 @@ def test_a_complete_config_with_forwarded_headers_and_no_admin(tmp_path, engine)
         assert "location ^~ /_lb/ { return 404; }" in text
         for line in (
             "proxy_set_header Host $http_host;",
-            "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+            "proxy_set_header X-Forwarded-For $remote_addr;",
+            "proxy_set_header X-Forwarded-Port $pyramid_lb_port;",
+            'proxy_set_header X-Forwarded-Prefix "";',
+            'proxy_set_header Forwarded "";',
             'proxy_set_header Connection "";',
             "proxy_http_version 1.1;",
         ):

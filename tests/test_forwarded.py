@@ -50,6 +50,8 @@ EVERY_HEADER = {
     "X-Forwarded-Port": "443",
     "X-Forwarded-Prefix": "/evil",
     "X-Forwarded-By": "6.6.6.6",
+    "X-Real-IP": "6.6.6.6",
+    "CF-Connecting-IP": "6.6.6.6",
 }
 NO_PROXY_HEADERS = {
     key: None
@@ -61,6 +63,8 @@ NO_PROXY_HEADERS = {
         "HTTP_X_FORWARDED_PORT",
         "HTTP_X_FORWARDED_PREFIX",
         "HTTP_X_FORWARDED_BY",
+        "HTTP_X_REAL_IP",
+        "HTTP_CF_CONNECTING_IP",
     )
 }
 UNCHANGED = {
@@ -107,9 +111,51 @@ def bad(settings, header, value, id):
     return pytest.param(settings, {header: value}, Bad(header), id=f"400 {id}")
 
 
+REAL_IP = {**TRUST, "trusted_headers": "x-real-ip x-forwarded-proto"}
+CLOUDFLARE = {**TRUST, "trusted_headers": "cf-connecting-ip x-forwarded-proto"}
+
 # (settings as ini strings, request headers and environ keys, expected environ
 # subset with None for "absent", or Bad(header))
 CASES = [
+    # -- single-address client headers -------------------------------------------
+    pytest.param(
+        REAL_IP,
+        {"X-Real-IP": CLIENT, "X-Forwarded-For": "6.6.6.6"},
+        {
+            "REMOTE_ADDR": CLIENT,
+            "REMOTE_PORT": None,
+            "HTTP_X_REAL_IP": CLIENT,
+            "HTTP_X_FORWARDED_FOR": None,
+        },
+        id="x-real-ip names the client; x-forwarded-for not trusted",
+    ),
+    pytest.param(
+        CLOUDFLARE,
+        {"CF-Connecting-IP": "2001:db8::7", "X-Forwarded-Proto": "https"},
+        {
+            "REMOTE_ADDR": "2001:db8::7",
+            "REMOTE_PORT": None,
+            "HTTP_CF_CONNECTING_IP": "2001:db8::7",
+            **location("https", "backend:8080", "backend", "8080"),
+        },
+        id="cf-connecting-ip ipv6 client with https",
+    ),
+    pytest.param(
+        CLOUDFLARE,
+        {"REMOTE_ADDR": "192.0.2.9", "CF-Connecting-IP": CLIENT},
+        {"REMOTE_ADDR": "192.0.2.9", "HTTP_CF_CONNECTING_IP": None},
+        id="cf-connecting-ip from an untrusted peer: removed",
+    ),
+    pytest.param(
+        REAL_IP,
+        {"X-Real-IP": " "},
+        {"REMOTE_ADDR": PROXY},
+        id="blank x-real-ip: absent",
+    ),
+    bad(REAL_IP, "X-Real-IP", f"{CLIENT}, 6.6.6.6", id="x-real-ip with two"),
+    bad(REAL_IP, "X-Real-IP", f"{CLIENT}:80", id="x-real-ip with a port"),
+    bad(CLOUDFLARE, "CF-Connecting-IP", "[2001:db8::7]", id="cf bracketed"),
+    bad(CLOUDFLARE, "CF-Connecting-IP", "fe80::1%eth0", id="cf zone id"),
     # -- who is trusted --------------------------------------------------------
     pytest.param(
         {},
@@ -336,8 +382,20 @@ CASES = [
     pytest.param(
         TRUST,
         {"X-Forwarded-Proto": "https", "Host": "example.com:443"},
-        location("https", "example.com", "example.com", "443"),
-        id="default port dropped from host",
+        location("https", "example.com:443", "example.com", "443"),
+        id="default port kept in host as the client wrote it",
+    ),
+    pytest.param(
+        TRUST,
+        {"X-Forwarded-Host": "example.com:443", "X-Forwarded-Port": "443"},
+        location("http", "example.com:443", "example.com", "443"),
+        id="forwarded host and the same port kept as written",
+    ),
+    pytest.param(
+        TRUST,
+        {"X-Forwarded-Host": "example.com:8080", "X-Forwarded-Port": "80"},
+        location("http", "example.com", "example.com", "80"),
+        id="forwarded port wins over the host's",
     ),
     pytest.param(
         TRUST,
@@ -878,7 +936,19 @@ BAD_SETTINGS = [
         id="auto with star",
     ),
     pytest.param(
-        {"trusted_headers": "x-real-ip"}, "trusted_headers = 'x-real-ip'", id="header"
+        {"trusted_headers": "x-client-ip"},
+        "trusted_headers = 'x-client-ip'",
+        id="header",
+    ),
+    pytest.param(
+        {"trusted_headers": "x-forwarded-for x-real-ip"},
+        "trusted_headers: 'x-forwarded-for' and 'x-real-ip' both name the client",
+        id="two client headers",
+    ),
+    pytest.param(
+        {"trusted_headers": "forwarded cf-connecting-ip"},
+        "trusted_headers: 'forwarded'",
+        id="forwarded with cf-connecting-ip",
     ),
     pytest.param(
         {"trusted_headers": "forwarded x-forwarded-for"},

@@ -1,3 +1,4 @@
+import re
 import threading
 import time
 
@@ -273,12 +274,22 @@ def test_including_twice_is_harmless(config):
         pytest.param({"timeout": 0}, "timeout = 0", id="zero timeout"),
         pytest.param({"timeout": "1"}, "timeout = '1'", id="string timeout"),
         pytest.param({"check": 42}, "check = 42 is not callable", id="not callable"),
+        pytest.param(
+            {"critical": "no"},
+            "add_health_check('x'): critical = 'no' is not valid: expected True or "
+            "False",
+            id="critical as a string",
+        ),
+        pytest.param({"critical": 0}, "critical = 0 is not valid", id="critical 0"),
+        pytest.param({"critical": None}, "critical = None", id="critical None"),
+        pytest.param({"name": ""}, "name = '' is not valid", id="empty name"),
+        pytest.param({"name": 7}, "name = 7 is not valid", id="name not a string"),
     ],
 )
 def test_add_health_check_rejects_bad_arguments(config, kwargs, message):
-    kwargs = {"check": lambda: None, **kwargs}
-    with pytest.raises(ConfigurationError, match=message):
-        config.add_health_check("x", **kwargs)
+    kwargs = {"name": "x", "check": lambda: None, **kwargs}
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        config.add_health_check(**kwargs)
 
 
 def test_dotted_name_check(config):

@@ -69,7 +69,9 @@ def test_converters(convert, raw, expected):
         pytest.param(settings.url_path, "//x", "absolute path", id="path"),
         pytest.param(settings.url_path, "/a b", "absolute path", id="path space"),
         pytest.param(settings.proxy_count, "0", "or 'auto'", id="count"),
-        pytest.param(settings.header_names, "x-real-ip", "'x-real-ip'", id="header"),
+        pytest.param(
+            settings.header_names, "x-client-ip", "'x-client-ip'", id="header"
+        ),
         pytest.param(settings.addresses, "10.0.0.300", "'10.0.0.300'", id="address"),
     ],
 )
@@ -98,8 +100,53 @@ def test_parse_names_key_and_value():
 
 
 def test_parse_rejects_unknown_keys_by_name():
-    with pytest.raises(SettingsError, match="unknown setting 'x.szie'; known"):
+    with pytest.raises(SettingsError) as info:
         parse(TABLE, {"x.szie": "5"}, "x.")
+    assert str(info.value) == "unknown setting 'x.szie'; did you mean 'x.size'?"
+
+
+def test_parse_lists_a_short_table_when_nothing_is_close():
+    with pytest.raises(SettingsError) as info:
+        parse(TABLE, {"x.colour": "red"}, "x.")
+    assert str(info.value) == (
+        "unknown setting 'x.colour'; known settings: x.name, x.size"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        pytest.param(
+            {"stratgy": "hash"},
+            "unknown setting 'stratgy'; did you mean 'strategy'?",
+            id="typo",
+        ),
+        pytest.param(
+            {"colour": "red"},
+            "unknown setting 'colour'; it is none of the "
+            f"{len(settings.DISPATCHER_SETTINGS)} known settings "
+            "(`pyramid-lb serve --help` lists them)",
+            id="nothing close",
+        ),
+    ],
+)
+def test_unknown_key_of_a_long_table_is_one_short_line(raw, message):
+    with pytest.raises(SettingsError) as info:
+        settings.parse_dispatcher(raw)
+    assert str(info.value) == message
+    assert len(str(info.value)) < 120
+
+
+def test_unknown_add_on_key_is_compared_without_the_prefix():
+    # With the prefix, every pyramid_lb.* key would look close to any other.
+    with pytest.raises(SettingsError) as info:
+        parse_addon({"pyramid_lb.colour": "red"})
+    assert "did you mean" not in str(info.value)
+    assert f"none of the {len(ADDON_SETTINGS)} known pyramid_lb.* settings" in str(
+        info.value
+    )
+    with pytest.raises(SettingsError, match="did you mean 'pyramid_lb.check_cache'"):
+        parse_addon({"pyramid_lb.check_cahce": "1"})
 
 
 def test_parse_can_let_unknown_keys_pass():

@@ -73,3 +73,8 @@ def test_format_stats():
 
 def test_panic_is_said():
     assert "PANIC MODE" in format_stats(dict(STATS, panic=True), now=1000.0)
+
+
+def test_the_operation_under_way_is_said():
+    text = format_stats(dict(STATS, operation="scale to 2"), now=1000.0)
+    assert text.endswith("; scale to 2 under way")

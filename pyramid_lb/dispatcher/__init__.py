@@ -12,9 +12,12 @@ from pyramid_lb.dispatcher.admin import PREFIX, Admin
 from pyramid_lb.dispatcher.balancer import make_strategy
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
+from pyramid_lb.dispatcher.operations import Busy, Operations
 from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
 from pyramid_lb.dispatcher.sticky import Sticky
 from pyramid_lb.dispatcher.supervisor import Supervisor
+from pyramid_lb.forwarded import ProxyHeaders
+from pyramid_lb.server import handles_sigterm
 from pyramid_lb.settings import SettingsError, parse_dispatcher
 
 log = logging.getLogger("pyramid_lb.dispatcher")
@@ -42,6 +45,13 @@ class Dispatcher:
             self.cluster.add(
                 Backend(spec.url, weight=spec.weight, state=UP, **pool_options)
             )
+        trusted = None
+        if settings["trusted_proxies"]:
+            trusted = ProxyHeaders(
+                settings["trusted_proxies"],
+                settings["trusted_proxy_count"],
+                settings["trusted_headers"],
+            )
         options = {}
         if settings["strategy"] == "hash":
             options = dict(key=settings["hash_key"], balance=settings["hash_balance"])
@@ -63,6 +73,7 @@ class Dispatcher:
             name=settings["via_name"],
             retry_after=max(1, round(settings["health_check_interval"])),
             sticky=sticky,
+            trusted=trusted,
         )
         self.checker = HealthChecker(
             self.cluster,
@@ -73,6 +84,20 @@ class Dispatcher:
             fall=settings["fall"],
             liveness_path=settings["liveness_path"],
         )
+        #: Reloads, scaling, restarts, drains: one at a time.
+        self.operations = Operations()
+        #: Why the app did not start (the supervisor gave up), once it is so.
+        self.failure: str | None = None
+        #: Set by whoever runs the dispatcher and reports ``failure`` itself
+        #: (``pyramid-lb serve`` makes it its error); else it is logged.
+        self.failure_is_raised = False
+        #: The address it serves on, for the log (set by whoever serves it).
+        self.url: str | None = None
+        self._ready: int | None = None  # instances taking requests, as last told
+        self._ever_ready = False
+        self._ready_lock = threading.Lock()
+        self._signals = False
+        self.cluster.on_change = self._readiness_changed
         self.supervisor = None
         if settings["instances"] or settings["ini_files"]:
             here = os.path.dirname(ini) if ini else os.getcwd()
@@ -89,8 +114,18 @@ class Dispatcher:
                 stop_timeout=settings["stop_timeout"],
                 fall=settings["fall"],
                 backend_options=pool_options,
+                operations=self.operations,
+                on_fatal=self._fatal,
             )
-        self.admin = Admin(self, settings["admin_allow"])
+        self.admin = Admin(self, settings["admin_allow"], settings["admin_hosts"])
+        #: Server settings the dispatcher needs (see pyramid_lb.server): a
+        #: body over the limit refused before it is read (waitress refuses a
+        #: length equal to its own limit, hence the 1), and forwarded headers
+        #: left for the dispatcher to check against trusted_proxies.
+        self.server_defaults = {
+            "max_request_body_size": settings["max_body_size"] + 1,
+            "clear_untrusted_proxy_headers": False,
+        }
         self._stopped = False
 
     def start(self) -> None:
@@ -99,6 +134,45 @@ class Dispatcher:
             self.supervisor.start()
         self.checker.start()
         atexit.register(self.stop)
+        self._readiness_changed()  # backends elsewhere take requests at once
+
+    def _readiness_changed(self) -> None:
+        """Log how many instances take requests, when that number changes."""
+        if self._stopped:
+            return  # instances going one by one is no news then
+        with self._ready_lock:
+            backends = list(self.cluster.backends)
+            ready = sum(1 for b in backends if b.state == UP and not b.held)
+            if ready == self._ready or (self._ready is None and not ready):
+                return
+            self._ready = ready
+            first = ready and not self._ever_ready
+            self._ever_ready = self._ever_ready or bool(ready)
+        where = f": {self.url}" if self.url else ""
+        if first:
+            log.info(
+                "%d/%d instances ready%s from now on",
+                ready,
+                len(backends),
+                f"{where} takes requests" if where else ": requests are served",
+            )
+        elif ready:
+            log.info("%d/%d instances ready%s", ready, len(backends), where)
+        else:
+            log.warning(
+                "0/%d instances ready%s: requests get 503 until one is",
+                len(backends),
+                where,
+            )
+
+    def _fatal(self, message: str) -> None:
+        """The app does not start (the supervisor gave up): stop, as on SIGTERM."""
+        self.failure = message
+        if not self.failure_is_raised:
+            log.error("%s", message)
+        if self._signals:
+            # The main thread runs the server: a signal is what stops it.
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self) -> None:
         """Stop the instances and the checks (idempotent)."""
@@ -112,32 +186,46 @@ class Dispatcher:
             backend.pool.close()
 
     def install_signal_handlers(self) -> bool:
-        """SIGHUP: rolling restart; SIGTERM: stop (as Ctrl-C does).
+        """SIGHUP: rolling restart; SIGTERM and SIGINT (Ctrl-C): stop, each
+        saying so alike.
 
         Only for a dispatcher that spawns instances (it owns processes), and
         only from the main thread (where Python runs handlers); returns
-        whether they were installed. On SIGTERM, SystemExit makes waitress
-        stop accepting and finish the requests in flight; the instances are
-        stopped after that (``stop``, also registered with atexit).
+        whether they were installed. SystemExit (SIGTERM) or
+        KeyboardInterrupt (SIGINT) makes the server stop accepting and
+        finish the requests in flight; the instances are stopped after that
+        (``stop``, also registered with atexit).
         """
         if (
             self.supervisor is None
             or threading.current_thread() is not threading.main_thread()
         ):
             return False
+        signals = 0
 
-        def on_sigterm(signum, frame):
-            log.info("SIGTERM: stopping")
+        @handles_sigterm
+        def on_stop(signum, frame):
+            nonlocal signals
+            signals += 1
+            if self.failure is None:  # else it is our own, already explained
+                name = signal.Signals(signum).name
+                how = "stopping" if signals == 1 else "stopping at once"
+                log.info("%s: %s", name, how)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             raise SystemExit(0)
 
         def on_sighup(signum, frame):
             log.info("SIGHUP: rolling restart")
-            threading.Thread(
-                target=self.supervisor.rolling_restart, daemon=True
-            ).start()
+            try:
+                self.supervisor.rolling_restart(background=True)
+            except Busy as exc:
+                log.warning("SIGHUP: no rolling restart: %s", exc)
 
-        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_sighup)
+        self._signals = True
         return True
 
     def __call__(self, environ, start_response):

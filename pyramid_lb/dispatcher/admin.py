@@ -4,19 +4,30 @@ Answered only to clients in ``admin_allow`` (loopback by default) and never
 forwarded to an instance. Actions are POSTs that must carry an
 ``X-Requested-With`` header: a browser sends no custom header across sites
 without asking first, so another site's page cannot trigger them.
+
+That alone does not stop DNS rebinding: a page of ``evil.example:8080``
+whose name then resolves to 127.0.0.1 is, for the browser, the same origin
+as the dispatcher, and may send any header. So an action whose ``Origin``
+(or, without one, ``Host``) names a host other than the dispatcher's own is
+refused: localhost, an IP address, ``server_name`` on the port it listens
+on, or a name of ``admin_hosts``. An IP address cannot be rebound: a
+browser that sends one reached that very address.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
+from collections.abc import Iterable
 from importlib.resources import files
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
+from pyramid_lb.addresses import is_ip, parse_host
 from pyramid_lb.dispatcher.cluster import DRAINING, FAILED, UP
-from pyramid_lb.dispatcher.stats import BUCKETS, CLASSES
+from pyramid_lb.dispatcher.operations import Busy
+from pyramid_lb.dispatcher.stats import BUCKETS, CLASSES, KEEP
+from pyramid_lb.settings import SettingsError
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
@@ -48,14 +59,87 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
+def _busy(start_response, exc: Busy) -> list[bytes]:
+    return _json(
+        start_response, "409 Conflict", {"error": str(exc), "running": exc.running}
+    )
+
+
+#: Names of this machine that no one else's DNS can answer for (RFC 6761).
+LOCAL_NAMES = frozenset(("localhost",))
+
+
+def host_port(netloc: str, scheme: str) -> tuple[str, int] | None:
+    """``(lowered host, port)`` of ``host[:port]``, the scheme's port if none
+    is given; None when it is not one. IPv6 addresses keep their brackets."""
+    parsed = parse_host(netloc.strip().lower())
+    if parsed is None:
+        return None
+    host, port = parsed
+    host = host.rstrip(".")  # "localhost." is localhost
+    if not host:
+        return None
+    return host, int(port) if port else (443 if scheme == "https" else 80)
+
+
+def _is_ip(host: str) -> bool:
+    return is_ip(host[1:-1] if host.startswith("[") else host)
+
+
+def parse_admin_hosts(names: Iterable[str]) -> tuple[frozenset, frozenset]:
+    """``admin_hosts`` as (names on any port, (name, port) pairs)."""
+    any_port, with_port = set(), set()
+    for name in names:
+        where = host_port(name, "http")
+        if where is None or "/" in name:
+            raise SettingsError(
+                f"[app:dispatcher] admin_hosts: {name!r} is not a host name or "
+                "name:port (e.g. lb.example.com or lb.example.com:8080)"
+            )
+        if ":" in name.rpartition("]")[2]:
+            with_port.add(where)
+        else:
+            any_port.add(where[0])
+    return frozenset(any_port), frozenset(with_port)
+
+
 class Admin:
     """The WSGI app of ``/_lb/`` for one dispatcher."""
 
-    def __init__(self, dispatcher, allow):
+    def __init__(self, dispatcher, allow, hosts: Iterable[str] = ()):
         self.dispatcher = dispatcher
         self.allow = allow
+        self.hosts, self.host_ports = parse_admin_hosts(hosts)
         self._dashboard: bytes | None = None
         self._registry = None
+
+    def foreign(self, environ) -> str | None:
+        """Why an action's Origin (or Host) is not this dispatcher, or None."""
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is not None:
+            parts = urlsplit(origin)
+            where = (
+                host_port(parts.netloc, parts.scheme)
+                if parts.scheme in ("http", "https")
+                else None  # "null": a sandboxed page, a file...
+            )
+            said = f"Origin {origin!r}"
+        else:
+            host = environ.get("HTTP_HOST", "")
+            where = host_port(host, environ.get("wsgi.url_scheme", "http"))
+            said = f"Host {host!r}"
+        if where is not None:
+            host, port = where
+            if host in self.hosts or where in self.host_ports:
+                return None
+            own_name = host in LOCAL_NAMES or host == environ.get("SERVER_NAME")
+            if (own_name or _is_ip(host)) and str(port) == environ.get("SERVER_PORT"):
+                return None
+        return (
+            f"admin actions from {said} are refused: it is not this dispatcher's "
+            "address (a page of another site, its name rebound to this one?); "
+            "if it is one of its names, add it to admin_hosts"
+        )
 
     def __call__(self, environ, start_response):
         if environ.get("REMOTE_ADDR") not in self.allow:
@@ -82,6 +166,16 @@ class Admin:
                 "403 Forbidden",
                 "admin actions need an X-Requested-With header",
             )
+        refusal = self.foreign(environ)
+        if refusal:
+            log.warning(
+                "refused %s %s from %s: %s",
+                method,
+                environ.get("PATH_INFO", ""),
+                environ.get("REMOTE_ADDR"),
+                refusal,
+            )
+            return _problem(start_response, "403 Forbidden", refusal)
         return action(start_response)
 
     def _action(self, path: str, environ):
@@ -107,7 +201,8 @@ class Admin:
         if supervisor is not None:
             processes = {p["id"]: p for p in supervisor.describe()}
         instances = []
-        for backend in list(dispatcher.cluster.backends):
+        backends = list(dispatcher.cluster.backends)
+        for backend in backends:
             process = processes.get(backend.name, {})
             state = backend.state
             if backend.held and state == UP:
@@ -139,16 +234,29 @@ class Admin:
                 }
             )
         proxy = dispatcher.proxy
-        # The budget counts in monotonic seconds; the chart wants wall time.
-        offset = round(time.time() - time.monotonic())
-        history = [(second + offset, n) for second, n in proxy.budget.history()]
+        operation = dispatcher.operations.running
+        # Per second, what the Requests and Unrouted totals count: exchanges
+        # with the instances listed, and answers the dispatcher gave itself.
+        now = int(time.monotonic())
+        routed = [0] * KEEP
+        for backend in backends:
+            for index, count in enumerate(backend.tally.history(now)):
+                routed[index] += count
+        unrouted = proxy.unrouted.history(now)
+        offset = round(time.time() - time.monotonic())  # the chart wants wall time
+        history = [
+            (now - KEEP + index + offset, routed[index], unrouted[index])
+            for index in range(KEEP)
+        ]
         return {
             "time": time.time(),
             "strategy": dispatcher.settings["strategy"],
             "sticky": dispatcher.settings["sticky"],
             "panic": dispatcher.cluster.panic,
             "supervised": supervisor is not None,
-            "rolling": supervisor is not None and supervisor.rolling,
+            #: The life-cycle operation under way (a reload, a scale...).
+            "operation": operation,
+            "rolling": operation is not None,
             "totals": {
                 "instances": len(instances),
                 "up": sum(1 for i in instances if i["state"] == UP),
@@ -190,11 +298,10 @@ class Admin:
             return _problem(
                 start_response, "409 Conflict", "this dispatcher spawns no instances"
             )
-        if supervisor.rolling:
-            return _problem(
-                start_response, "409 Conflict", "a rolling restart is under way"
-            )
-        threading.Thread(target=supervisor.rolling_restart, daemon=True).start()
+        try:
+            supervisor.rolling_restart(background=True)
+        except Busy as exc:
+            return _busy(start_response, exc)
         return _json(start_response, "202 Accepted", {"rolling_restart": "started"})
 
     def scale(self, start_response, count: str):
@@ -211,6 +318,8 @@ class Admin:
             )
         try:
             change = supervisor.scale(int(count))
+        except Busy as exc:
+            return _busy(start_response, exc)
         except ValueError as exc:
             return _problem(start_response, "409 Conflict", str(exc))
         return _json(
@@ -222,30 +331,30 @@ class Admin:
         backend = cluster.get(name)
         if backend is None:
             return _problem(start_response, "404 Not Found", f"no instance {name!r}")
-        if action == "drain":
-            cluster.hold(backend)
-        elif action == "enable":
-            cluster.hold(backend, False)
-        elif action == "restart":
-            supervisor = self.dispatcher.supervisor
-            if supervisor is None or not any(
-                i.id == name for i in supervisor.instances
-            ):
-                return _problem(
-                    start_response,
-                    "409 Conflict",
-                    f"{name} is not an instance this dispatcher spawned",
-                )
-            if supervisor.rolling:
-                return _problem(
-                    start_response, "409 Conflict", "a rolling restart is under way"
-                )
-            threading.Thread(
-                target=supervisor.restart, args=(name,), daemon=True
-            ).start()
-        else:
+        if action not in ("drain", "enable", "restart"):
             return _problem(start_response, "404 Not Found", f"no action {action!r}")
-        log.info("instance %s: %s (admin)", name, action)
+        supervisor = self.dispatcher.supervisor
+        try:
+            if action == "restart":
+                if supervisor is None or not any(
+                    i.id == name for i in supervisor.instances
+                ):
+                    return _problem(
+                        start_response,
+                        "409 Conflict",
+                        f"{name} is not an instance this dispatcher spawned",
+                    )
+                supervisor.restart(name, background=True)
+            else:
+                held = action == "drain"
+                self.dispatcher.operations.run(
+                    f"{action} of {name} (admin)",
+                    lambda: cluster.hold(backend, held) or True,
+                )
+        except Busy as exc:
+            return _busy(start_response, exc)
+        except LookupError:  # gone since it was looked up
+            return _problem(start_response, "404 Not Found", f"no instance {name!r}")
         return _json(start_response, "200 OK", {"id": name, "action": action})
 
 

@@ -146,23 +146,26 @@ def key_function(spec: str):
 
 
 class ConsistentHash:
-    """Consistent hashing with bounded loads, on a key of the request.
+    """Consistent hashing on a key of the request, bounded loads optional.
 
     Each instance owns ``points`` spots (times its weight) on a ring; a key
-    goes to the first instance clockwise from its hash, so adding or
-    removing an instance moves only about 1/N of the keys. An instance
-    already carrying more than ``balance`` times the average load is passed
-    over for the next one on the ring (Mirrokni, Thorup and Zadimoghaddam,
-    2016), so one hot key cannot swamp its instance. Requests without the
-    key, or with an empty one, are balanced round robin: hashed, they would
-    all land on one instance.
+    goes to the first instance clockwise from its hash that may take
+    requests, so adding or removing an instance moves only about 1/N of the
+    keys. With ``balance`` (a factor >= 1), an instance already carrying
+    more than that many times the average load is passed over for the next
+    one on the ring (Mirrokni, Thorup and Zadimoghaddam, 2016), so one hot
+    key cannot swamp its instance; the price is that a key spills to an
+    instance without the state its own built. Off by default, as HAProxy's
+    ``hash-balance-factor``: users hash to keep a key on its instance.
+    Requests without the key, or with an empty one, are balanced round
+    robin: hashed, they would all land on one instance.
     """
 
     def __init__(
         self,
         cluster: Cluster,
         key: str = "client",
-        balance: float = 1.25,
+        balance: float | None = None,
         points: int = 100,
     ):
         self.cluster = cluster
@@ -204,8 +207,11 @@ class ConsistentHash:
         ring = self._ring if self._version == self.cluster.version else self._build()
         hashes, owners, distinct = ring
         allowed = set(candidates)
-        load = sum(b.in_flight for b in candidates) + 1
-        bound = math.ceil(self.balance * load / len(candidates))
+        if self.balance is None:
+            bound = math.inf
+        else:
+            load = sum(b.in_flight for b in candidates) + 1
+            bound = math.ceil(self.balance * load / len(candidates))
         size = len(owners)
         index = bisect.bisect(hashes, _hash64(key.encode("utf-8", "surrogatepass")))
         seen = set()

@@ -52,7 +52,7 @@ class HealthChecker:
     def probe(self, backend: Backend, request: bytes | None = None) -> tuple[bool, str]:
         """One probe (of readiness unless told): passed?, and what was seen."""
         pool = self._pools.get(backend)
-        if pool is None:
+        if pool is None or pool.address != (backend.host, backend.port):
             pool = self._pools[backend] = Pool(
                 backend.host, backend.port, 1, self.timeout, self.timeout
             )

@@ -50,6 +50,7 @@ class Backend:
         self.host, self.port = parse_backend_url(url)
         self.name = name or f"{self.host}:{self.port}"
         self.weight = weight
+        self._pool_options = pool_options
         self.pool = Pool(self.host, self.port, **pool_options)
         self.state = state
         #: Set by the admin or supervisor: no new requests, even if healthy.
@@ -84,6 +85,14 @@ class Backend:
         with self._lock:
             self.in_flight -= 1
             self.tally.add(status, elapsed)
+
+    def move(self, port: int) -> None:
+        """The instance listens on ``port`` now; connections to the old one go."""
+        old = self.pool
+        self.port = port
+        self.url = f"http://{self.host}:{port}"
+        self.pool = Pool(self.host, port, **self._pool_options)
+        old.close()
 
     @property
     def ejected(self) -> bool:
@@ -123,6 +132,13 @@ class Cluster:
         #: Bumped on membership and weight changes (consistent hashing
         #: rebuilds its ring). Always bumped after ``backends`` is replaced.
         self.version = 0
+        #: Called (without the lock) after a state, hold or membership
+        #: change, so the dispatcher can tell how many instances are ready.
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # -- membership -----------------------------------------------------------
 
@@ -131,6 +147,7 @@ class Cluster:
             self.backends = [*self.backends, backend]
             self.version += 1
             self._stale = True
+        self._changed()
 
     def remove(self, backend: Backend) -> None:
         with self._lock:
@@ -140,6 +157,7 @@ class Cluster:
             self.version += 1
             self._stale = True
         backend.pool.close()
+        self._changed()
 
     def set_weight(self, backend: Backend, weight: int) -> None:
         """Change ``backend``'s share of the requests."""
@@ -205,11 +223,13 @@ class Cluster:
             self._stale = True
         if state in (DOWN, FAILED):
             backend.pool.clear()
+        self._changed()
 
     def hold(self, backend: Backend, held: bool = True) -> None:
         """Stop (or resume) sending new requests to ``backend``."""
         backend.held = held
         self._stale = True
+        self._changed()
 
     # -- passive health -------------------------------------------------------
 

@@ -10,6 +10,7 @@ import importlib.metadata
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Mapping
@@ -20,7 +21,9 @@ from paste.deploy.loadwsgi import APP, SERVER, loadcontext
 from pyramid.exceptions import ConfigurationError
 from pyramid.paster import setup_logging
 
+from pyramid_lb import server as front
 from pyramid_lb.health import IHealth
+from pyramid_lb.process import PORT_IN_USE
 from pyramid_lb.settings import TRUSTED_PROXIES_ENV, SettingsError
 
 PROG = "pyramid_lb.dispatcher.instance"
@@ -89,6 +92,41 @@ def listen_host(conf: Mapping[str, Any]) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return host
+
+
+def _port_problem(port: str) -> str | None:
+    """Why ``port`` is no TCP port waitress should be given, or None."""
+    if port.isascii() and port.isdigit():
+        # Waitress would wrap 99999 around to 34463 without a word.
+        return None if int(port) <= 65535 else "above 65535"
+    try:
+        socket.getservbyname(port, "tcp")  # waitress takes "http" for 80 too
+    except OSError:
+        return "not a number"
+    return None
+
+
+def listen_problem(conf: Mapping[str, Any]) -> str | None:
+    """What is wrong with the ports a server section's ``listen`` or ``port``
+    gives, in a sentence naming the key and the value, or None."""
+    allowed = "expected a TCP port from 1 to 65535 (0: any free port)"
+    listen = str(conf.get("listen") or "")
+    for entry in listen.split():
+        head, colon, port = entry.rpartition(":")
+        if not colon or "]" in port or (":" in head and not head.endswith("]")):
+            continue  # no port given (a bare IPv6 address): waitress's default
+        problem = _port_problem(port)
+        if problem:
+            return (
+                f"listen = {listen!r} is not valid: the port of {entry!r} is "
+                f"{problem}; {allowed}"
+            )
+    if conf.get("port") not in (None, ""):
+        port = str(conf["port"]).strip()
+        problem = _port_problem(port)
+        if problem:
+            return f"port = {port!r} is not valid: {problem}; {allowed}"
+    return None
 
 
 def forwarded_options(
@@ -164,7 +202,7 @@ def serve(
     except (SettingsError, ConfigurationError) as exc:
         raise Failure(str(exc)) from None
 
-    if server.object is not waitress.serve_paste:
+    if server.object not in (waitress.serve_paste, front.serve_paste):
         log.warning(
             "[server:%s] is not waitress: it listens where http_port = %s puts it",
             server_name,
@@ -174,21 +212,35 @@ def serve(
         server.create()(app)
         return
     conf = dict(server.local_conf)
+    problem = listen_problem(conf)
+    if problem:  # the port itself is replaced, but pserve would be given it
+        raise Failure(f"{ini} [server:{server_name}] {problem}")
     host = listen_host(conf)
-    options = {key: value for key, value in conf.items() if key not in ADDRESS_KEYS}
+    try:
+        grace = front.graceful_timeout(conf)
+    except SettingsError as exc:
+        raise Failure(f"{ini} [server:{server_name}] {exc}") from None
+    options = {
+        key: value
+        for key, value in conf.items()
+        if key not in ADDRESS_KEYS and key not in front.OWN_KEYS
+    }
     options.update(forwarded_options(app, conf), listen=f"{host}:{port}")
     stop_on_signals(app)
     try:
-        wsgi_server = waitress.create_server(app, **options)
+        wsgi_server = front.create_server(app, options)
     except OSError as exc:
-        reason = (
-            "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        )
-        raise Failure(f"cannot listen on {host}:{port}: {reason}") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise Failure(
+                f"cannot listen on {host}:{port}: address already in use", PORT_IN_USE
+            ) from None
+        raise Failure(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     except ValueError as exc:  # waitress's check of the server section
         raise Failure(f"{ini} [server:{server_name}]: {exc}") from None
     wsgi_server.print_listen("Serving on http://{}:{}")
-    wsgi_server.run()
+    # Until SIGTERM: what is in flight (answers being sent included) is then
+    # finished, within the supervisor's stop_timeout.
+    front.run(wsgi_server, grace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,17 @@
 """The reverse proxy: a WSGI app that forwards each request to an instance.
 
-It strips hop-by-hop headers both ways, adds the forwarded headers, Via and
-X-Request-ID, streams response bodies, and retries on another instance only
-when that cannot run a request twice. Imports neither Pyramid nor waitress.
+It strips hop-by-hop headers both ways, writes the forwarded headers, Via
+and X-Request-ID, streams response bodies, and retries on another instance
+only when that cannot run a request twice. Imports neither Pyramid nor
+waitress.
+
+What the instance is told about the client is the dispatcher's own view:
+every forwarded header a client sent is dropped, and only what came from a
+peer in ``trusted_proxies`` (applied with the add-on's rules, see
+:mod:`pyramid_lb.forwarded`) goes into that view. The port it forwards is
+the one in the client's Host (else the scheme's default), not the port the
+dispatcher listens on, so that an app behind a port mapping builds the
+URLs its clients used.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from random import getrandbits
 from time import perf_counter
 from urllib.parse import quote
 
+from pyramid_lb.addresses import parse_host
 from pyramid_lb.dispatcher.cluster import Backend, Cluster
 from pyramid_lb.dispatcher.stats import Tally
 from pyramid_lb.dispatcher.upstream import (
@@ -35,9 +45,23 @@ log = logging.getLogger("pyramid_lb.dispatcher")
 #: RFC 9110 section 9.2.2.
 IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 
+#: Request headers, besides every X-Forwarded-*, that state where a request
+#: came from. An instance trusts the dispatcher, so a client's own would pass
+#: for facts: they are dropped, and the dispatcher writes its own view.
+FORWARDING_HEADERS = (
+    "Forwarded",
+    "X-Real-IP",
+    "CF-Connecting-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "Client-IP",
+    "X-Cluster-Client-IP",
+    "Front-End-Https",
+    "X-Url-Scheme",
+)
 # Request headers never forwarded as they came: hop-by-hop ones (RFC 9110
 # section 7.6.1), Expect (waitress already answered 100-continue), Proxy
-# (httpoxy), and those the proxy writes itself.
+# (httpoxy), those the proxy writes itself, and the forwarding ones.
 _DROPPED = frozenset(
     (
         "HTTP_CONNECTION",
@@ -49,15 +73,13 @@ _DROPPED = frozenset(
         "HTTP_EXPECT",
         "HTTP_PROXY",
         "HTTP_HOST",
-        "HTTP_X_FORWARDED_FOR",
-        "HTTP_X_FORWARDED_PROTO",
-        "HTTP_X_FORWARDED_HOST",
-        "HTTP_X_FORWARDED_PORT",
-        "HTTP_FORWARDED",
         "HTTP_VIA",
         "HTTP_X_REQUEST_ID",
+        *("HTTP_" + name.upper().replace("-", "_") for name in FORWARDING_HEADERS),
     )
 )
+_DROPPED_PREFIXES = ("HTTP_PROXY_", "HTTP_X_FORWARDED_")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 # environ key -> header name, or None when it is not forwarded; bounded
 # so that a client inventing header names cannot grow it forever.
 _names: dict[str, str | None] = {}
@@ -67,7 +89,7 @@ def _header_name(key: str) -> str | None:
     name = _names.get(key, False)
     if name is not False:
         return name
-    if key[:5] != "HTTP_" or key in _DROPPED or key.startswith("HTTP_PROXY_"):
+    if key[:5] != "HTTP_" or key in _DROPPED or key.startswith(_DROPPED_PREFIXES):
         name = None
     else:
         name = key[5:].replace("_", "-").title()
@@ -82,6 +104,65 @@ def _connection_tokens(value: str) -> set[str]:
         for token in value.split(",")
         if token.strip()
     }
+
+
+# Host values seen, checked: (name, port or None), or None when invalid.
+# Bounded like _names; the same few hosts come again and again.
+_hosts: dict[str, tuple[str, str | None] | None] = {}
+
+
+def _checked_host(value: str) -> tuple[str, str | None] | None:
+    known = _hosts.get(value, False)
+    if known is not False:
+        return known
+    parsed = parse_host(value)
+    if len(_hosts) < 1024:
+        _hosts[value] = parsed
+    return parsed
+
+
+def _host_problem(environ) -> str | None:
+    """Why the request's Host cannot be used (RFC 9112 section 3.2), or None.
+
+    A request in absolute form (``GET http://host/path``) has its authority
+    as its host, and goes on in origin form (section 3.2.2). Two Host
+    headers reach WSGI joined by a comma, which no host holds.
+    """
+    uri = environ.get("REQUEST_URI") or ""
+    if uri[:1] not in ("/", "*", ""):
+        scheme, found, rest = uri.partition("://")
+        if not found or scheme.lower() not in _DEFAULT_PORTS:
+            return "the request target is neither a path nor an http(s) URL"
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=-1)
+        authority, tail = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
+        environ["HTTP_HOST"] = authority
+        environ["REQUEST_URI"] = tail if tail[:1] == "/" else "/" + tail
+    host = environ.get("HTTP_HOST")
+    if host is None:
+        if environ.get("SERVER_PROTOCOL") == "HTTP/1.0":
+            return None
+        return "an HTTP/1.1 request needs a Host header"
+    if _checked_host(host) is None:
+        return "the Host header is not one host[:port]"
+    return None
+
+
+def via_names(value: str) -> list[str]:
+    """The received-by names of a Via header, lower-cased, comments dropped."""
+    while True:  # innermost comments first: they can nest
+        shorter = _COMMENT.sub("", value)
+        if shorter == value:
+            break
+        value = shorter
+    names = []
+    for element in value.split(","):
+        words = element.split()
+        if len(words) >= 2:
+            names.append(words[1].lower())
+    return names
+
+
+_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 
 def _forwarded_node(addr: str) -> str:
@@ -188,8 +269,12 @@ class Proxy:
         name: str | None = None,
         retry_after: int = 1,
         sticky=None,
+        trusted=None,
     ):
         self.cluster = cluster
+        #: A :class:`~pyramid_lb.forwarded.ProxyHeaders` for the peers whose
+        #: forwarded headers are believed; None: nobody's.
+        self.trusted = trusted
         self.strategy = strategy
         self.retries = retries
         self.budget = retry_budget or RetryBudget()
@@ -205,11 +290,18 @@ class Proxy:
         # The Via pseudonym: a request arriving with it already passed here.
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.via = f"1.1 {self.name} (pyramid_lb)"
+        self._via_name = self.name.lower()
 
     # -- the request ----------------------------------------------------------
 
     def request_head(self, environ, request_id: str) -> bytes:
-        """The request line and headers as the instance should see them."""
+        """The request line and headers as the instance should see them.
+
+        ``environ`` has a checked Host (see ``_host_problem``) and, from a
+        trusted peer, the forwarded headers applied: REMOTE_ADDR, the scheme
+        and HTTP_HOST are then the client's, and X-Forwarded-For, Forwarded
+        and X-Forwarded-Prefix hold only their trusted part.
+        """
         get = environ.get
         uri = get("REQUEST_URI")
         if not uri:
@@ -217,11 +309,13 @@ class Proxy:
             if get("QUERY_STRING"):
                 uri += "?" + environ["QUERY_STRING"]
         scheme = environ["wsgi.url_scheme"]
-        port = get("SERVER_PORT", "")
         host = get("HTTP_HOST")
-        if not host:
+        if host:
+            port = _checked_host(host)[1] or _DEFAULT_PORTS.get(scheme, "")
+        else:  # HTTP/1.0 without Host: the server's own name
+            port = get("SERVER_PORT", "")
             host = get("SERVER_NAME", "")
-            if port and port != ("443" if scheme == "https" else "80"):
+            if port and port != _DEFAULT_PORTS.get(scheme):
                 host = f"{host}:{port}"
         client = get("REMOTE_ADDR", "")
         lines = [f"{environ['REQUEST_METHOD']} {uri} HTTP/1.1\r\nHost: {host}"]
@@ -237,20 +331,26 @@ class Proxy:
         content_type = get("CONTENT_TYPE")
         if content_type:
             append(f"Content-Type: {content_type}")
-        forwarded_for = get("HTTP_X_FORWARDED_FOR")
-        if forwarded_for:
-            client_chain = f"{forwarded_for}, {client}"
-        else:
-            client_chain = client
         element = (
             f"for={_forwarded_node(client)};proto={scheme};host={_quote_value(host)}"
         )
-        forwarded = get("HTTP_FORWARDED")
-        if forwarded:
-            element = f"{forwarded}, {element}"
+        chain = client
+        if self.trusted is not None:
+            # What is left of these is their trusted part. The client found
+            # in it goes last, where an instance trusting only the dispatcher
+            # looks (as nginx's realip does with $proxy_add_x_forwarded_for).
+            forwarded_for = get("HTTP_X_FORWARDED_FOR")
+            if forwarded_for:
+                chain = f"{forwarded_for}, {client}"
+            forwarded = get("HTTP_FORWARDED")
+            if forwarded:
+                element = f"{forwarded}, {element}"
+            prefix = get("HTTP_X_FORWARDED_PREFIX")
+            if prefix:
+                append(f"X-Forwarded-Prefix: {prefix}")
         via = get("HTTP_VIA")
         append(
-            f"X-Forwarded-For: {client_chain}\r\n"
+            f"X-Forwarded-For: {chain}\r\n"
             f"X-Forwarded-Proto: {scheme}\r\n"
             f"X-Forwarded-Host: {host}\r\n"
             f"X-Forwarded-Port: {port}\r\n"
@@ -266,8 +366,22 @@ class Proxy:
         if not request_id or len(request_id) > 200 or not request_id.isprintable():
             # Unique, not secret: no system call (os.urandom makes one).
             request_id = f"{getrandbits(128):032x}"
+        problem = _host_problem(environ)
+        if problem is not None:
+            return self.refuse(
+                environ, start_response, started, request_id, 400, problem
+            )
+        if self.trusted is not None:
+            try:
+                self.trusted.rewrite(environ)
+            except ValueError as exc:  # a trusted header that cannot be applied
+                peer = environ.get("REMOTE_ADDR")
+                log.warning("request %s from %s: %s", request_id, peer, exc)
+                return self.refuse(
+                    environ, start_response, started, request_id, 400, str(exc)
+                )
         via = environ.get("HTTP_VIA")
-        if via and self.name in via:
+        if via and self._via_name in via_names(via):
             log.warning("request %s came back to this dispatcher: a loop", request_id)
             return self.refuse(
                 environ,
@@ -352,7 +466,6 @@ class Proxy:
             sent = perf_counter()
             try:
                 response = exchange(backend.pool, head, body, head_only, idempotent)
-                small = response.read_small()
             except UpstreamError as exc:
                 if response is not None:
                     response.close()
@@ -399,7 +512,6 @@ class Proxy:
                 sent,
                 backend,
                 response,
-                small,
                 request_id,
                 cookie,
             )
@@ -435,12 +547,14 @@ class Proxy:
         sent: float,
         backend: Backend,
         response: Response,
-        small: bytes | None,
         request_id: str,
         cookie: str | None = None,
     ):
         status = response.status
-        if status >= 500:
+        # An app's 503 is an answer it chose (overloaded, in maintenance),
+        # passed on with its Retry-After and not held against the instance:
+        # its readiness says when the instance as a whole is unavailable.
+        if status >= 500 and status != 503:
             self.cluster.failed(backend, f"answered {status}")
         else:
             self.cluster.succeeded(backend)
@@ -460,12 +574,17 @@ class Proxy:
             except ValueError:
                 reason = "Unknown"
         start_response(f"{status} {reason}", headers)
+        small = response.arrived_whole()
         if small is None:
-            small = response.take_buffered()
-            if not response.complete:
-                return self._stream(
-                    environ, started, sent, backend, response, small, request_id
-                )
+            return self._stream(
+                environ,
+                started,
+                sent,
+                backend,
+                response,
+                response.take_buffered(),
+                request_id,
+            )
         response.release()
         now = perf_counter()
         backend.finished(status, now - sent)

@@ -5,6 +5,12 @@ pyramid_lb.dispatcher.instance INI PORT``) in its own session, so a Ctrl-C
 in the terminal reaches only the dispatcher, which stops them in order. It
 cannot outlive the dispatcher: it asks the kernel for a signal when its
 parent dies, and watches its parent besides.
+
+Its output is copied to the dispatcher's, each line shown once: live,
+prefixed with its id. At the first start, until one instance is ready, only
+the first one's output is shown (copies of a broken app print the same
+error each); if one fails then, before any is ready, the app does not
+start, and the supervisor gives up instead of restarting it (``on_fatal``).
 """
 
 from __future__ import annotations
@@ -20,16 +26,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pyramid_lb.dispatcher.cluster import DOWN, FAILED, STARTING, UP, Backend, Cluster
+from pyramid_lb.dispatcher.operations import Operations
+from pyramid_lb.process import PORT_IN_USE
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
 #: Lines of an instance's output kept to explain why it failed.
 KEPT_LINES = 20
+#: Lines of an instance's output held back at the first start (see above).
+HELD_LINES = 500
 
 
 class Instance:
@@ -42,6 +52,8 @@ class Instance:
         self.backend = backend
         self.process: subprocess.Popen | None = None
         self.output: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
+        #: The thread copying its output (joined for its last words).
+        self.pump: threading.Thread | None = None
         self.started_at = 0.0
         #: When it exited or was killed unasked, for ``max_restarts``.
         self.crashes: collections.deque[float] = collections.deque()
@@ -60,9 +72,6 @@ class Instance:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
-
-    def last_output(self) -> str:
-        return "\n".join(f"    {line}" for line in self.output) or "    (no output)"
 
 
 class Supervisor:
@@ -83,6 +92,8 @@ class Supervisor:
         fall: int = 3,
         backend_options: dict | None = None,
         out=None,
+        operations: Operations | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ):
         self.cluster = cluster
         self.main_ini = main_ini
@@ -98,8 +109,21 @@ class Supervisor:
         self._out = out or sys.stderr
         self.instances: list[Instance] = []
         self._lock = threading.RLock()
-        self._rolling = threading.Lock()
+        #: Rolling restarts, restarts and scaling, one at a time.
+        self.operations = operations or Operations()
+        #: Told why, when the app fails at the first start (then nothing is
+        #: restarted); without it, that is only logged.
+        self.on_fatal = on_fatal
+        self.boot_failure: str | None = None
+        # The first start: until an instance is ready, only the speaker's
+        # output is written; the others' is held (see the module docstring).
+        self._booting = False
+        self._speaker: Instance | None = None
+        self._held: dict[str, collections.deque[str]] = {}
+        self._out_lock = threading.Lock()
         self._numbers = collections.Counter()
+        #: Ports found in use and said so (at start-up): not said again.
+        self._told_in_use: set[int] = set()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         # Every instance is started from this one long-lived thread: Linux
@@ -110,8 +134,32 @@ class Supervisor:
     # -- starting -------------------------------------------------------------
 
     def start(self) -> None:
+        """Spawn the planned instances, then supervise them.
+
+        Raises RuntimeError, before spawning any, when the ports from
+        ``base_port`` on cannot hold them all.
+        """
+        last = self.base_port + len(self.plan) - 1
+        if last > 65535:
+            raise RuntimeError(
+                f"base_port = {self.base_port} leaves no room for {len(self.plan)} "
+                f"instances: they need ports up to {last}, and the last TCP port "
+                "is 65535"
+            )
+        self._booting = True
+        skipped: list[int] = []
         for ini in self.plan:
-            self._spawn(self._new_instance(ini))
+            instance = self._new_instance(ini, skipped)
+            if self._speaker is None:
+                self._speaker = instance
+            self._spawn(instance)
+        if skipped:
+            self._told_in_use.update(skipped)
+            log.info(
+                "ports %s are in use: the instances listen on %s",
+                _ports(skipped),
+                _ports(instance.port for instance in self.instances),
+            )
         self._monitor = threading.Thread(
             target=self._watch, name="pyramid_lb-supervisor", daemon=True
         )
@@ -126,9 +174,15 @@ class Supervisor:
             for index, ini in enumerate(self.plan)
         ]
 
-    def _new_instance(self, ini: str) -> Instance:
+    def _new_instance(self, ini: str, skipped: list[int] | None = None) -> Instance:
+        """A new instance of ``ini`` on a free port, not started yet.
+
+        Ports found in use go to ``skipped``, for the caller to tell once;
+        without it, they are told here with the port chosen.
+        """
         with self._lock:
-            port = self._free_port()
+            passed: list[int] = [] if skipped is None else skipped
+            port = self._free_port(passed)
             backend = Backend(
                 f"http://127.0.0.1:{port}",
                 name=_next_id(self._numbers, ini),
@@ -137,19 +191,33 @@ class Supervisor:
             )
             instance = Instance(backend.name, ini, port, backend)
             self.instances.append(instance)
+        news = [port for port in passed if port not in self._told_in_use]
+        if skipped is None and news:
+            self._told_in_use.update(news)
+            log.info(
+                "instance %s: ports %s are in use; it listens on %d",
+                instance.id,
+                _ports(news),
+                port,
+            )
         self.cluster.add(backend)
         return instance
 
-    def _free_port(self) -> int:
+    def _free_port(self, skipped: list[int]) -> int:
+        """The first port from ``base_port`` that no instance has and that is
+        free; those in use on the way are added to ``skipped`` (once each)."""
         taken = {instance.port for instance in self.instances}
         port = self.base_port
         while True:
             if port > 65535:
-                raise RuntimeError(f"no free port from base_port = {self.base_port}")
-            if port not in taken and _bindable(port):
-                return port
+                raise RuntimeError(
+                    f"no free port from base_port = {self.base_port} to 65535"
+                )
             if port not in taken:
-                log.warning("port %d is in use; trying the next one", port)
+                if _bindable(port):
+                    return port
+                if port not in skipped:
+                    skipped.append(port)
             port += 1
 
     def _spawn(self, instance: Instance) -> None:
@@ -193,25 +261,94 @@ class Supervisor:
             instance.port,
             instance.ini,
         )
-        threading.Thread(
+        instance.pump = threading.Thread(
             target=self._pump,
             args=(instance, process),
             name=f"pyramid_lb-output-{instance.id}",
             daemon=True,
-        ).start()
+        )
+        instance.pump.start()
 
     def _pump(self, instance: Instance, process: subprocess.Popen) -> None:
-        """Copy the instance's output to ours, each line prefixed with its id."""
+        """Copy the instance's output to ours, each line prefixed with its id
+        (or hold it back, at the first start: see the module docstring)."""
         prefix = f"{instance.id} | "
         for raw in process.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             instance.output.append(line)
-            try:
-                self._out.write(prefix + line + "\n")
-                self._out.flush()
-            except (OSError, ValueError):  # our own output is gone
-                pass
+            with self._out_lock:  # a flush of held lines keeps its place
+                if self._booting and instance is not self._speaker:
+                    if self._ready_now():  # not waiting for the monitor's round
+                        self._end_boot()
+                if self._booting and instance is not self._speaker:
+                    held = self._held.get(instance.id)
+                    if held is None:
+                        held = self._held[instance.id] = collections.deque(
+                            maxlen=HELD_LINES
+                        )
+                    held.append(prefix + line)
+                else:
+                    self._write(prefix + line)
         process.stdout.close()
+
+    def _write(self, line: str) -> None:
+        try:
+            self._out.write(line + "\n")
+            self._out.flush()
+        except (OSError, ValueError):  # our own output is gone
+            pass
+
+    def _ready_now(self) -> bool:
+        """Whether the first start is over: an instance is ready, and the
+        app did not fail to start meanwhile."""
+        return self.boot_failure is None and any(
+            i.backend.state == UP for i in self.instances
+        )
+
+    def _end_boot(self) -> None:
+        """The first start is over: show what was held (``_out_lock`` held)."""
+        if not self._booting:
+            return
+        self._booting = False
+        held, self._held = self._held, {}
+        for lines in held.values():
+            for line in lines:
+                self._write(line)
+
+    def _boot_failed(self, instance: Instance, why: str) -> None:
+        """``instance`` failed before any was ready: the app does not start.
+
+        Nothing is restarted, and the others' output stays held for good: it
+        is the same error again (or what SIGTERM makes them say).
+        """
+        speaker = self._speaker
+        if instance is not speaker and speaker is not None and speaker.process:
+            # Copies of one app fail alike, and the speaker's output is on
+            # screen already: if it fails too, it is the one to tell of.
+            try:
+                code = speaker.process.wait(1)
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is not None:
+                instance, why = speaker, f"exited with code {code}"
+        if instance.pump is not None:
+            instance.pump.join(2)  # its last words first
+        with self._out_lock:
+            for line in self._held.pop(instance.id, ()):
+                self._write(line)
+            self._speaker = instance
+        instance.failed = True
+        self.cluster.set_state(instance.backend, FAILED, why)
+        said = "its output is above" if instance.output else "it printed nothing"
+        self.boot_failure = (
+            f"instance {instance.id} {why} before any instance was ready, so the "
+            f"app does not start ({said}); not restarting it"
+        )
+        self._stop.set()  # nothing more to supervise: it all stops
+        if self.on_fatal is None:
+            log.error("%s", self.boot_failure)
+        else:
+            self.on_fatal(self.boot_failure)
 
     # -- watching -------------------------------------------------------------
 
@@ -225,7 +362,12 @@ class Supervisor:
     def check(self) -> None:
         """One round of supervision: crashes, restarts, start-up, liveness."""
         now = time.monotonic()
+        if self._booting and self._ready_now():
+            with self._out_lock:
+                self._end_boot()
         for instance in list(self.instances):
+            if self.boot_failure is not None:
+                return
             if instance.managed or instance.failed:
                 continue
             backend = instance.backend
@@ -236,7 +378,8 @@ class Supervisor:
                 continue
             code = instance.process.poll()
             if code is not None:
-                self._crashed(instance, f"exited with code {code}")
+                if not self._moved(instance):
+                    self._crashed(instance, f"exited with code {code}")
             elif backend.state != STARTING and backend.live_fails >= self.fall:
                 self._kill(instance)
                 self._crashed(
@@ -258,8 +401,34 @@ class Supervisor:
                     f"(last check: {_last_check(backend)}); killed",
                 )
 
+    def _moved(self, instance: Instance) -> bool:
+        """Whether ``instance`` exited because its port was taken after it was
+        found free (by another program, or another supervisor starting at the
+        same time); then it is started again on another port at once. That
+        is no crash of the app: nothing is counted against it."""
+        if instance.process.returncode != PORT_IN_USE:
+            return False
+        with self._lock:
+            port = self._free_port([])
+        log.info(
+            "instance %s: port %d was taken meanwhile; it moves to %d",
+            instance.id,
+            instance.port,
+            port,
+        )
+        instance.port = port
+        instance.backend.move(port)
+        self._spawn(instance)
+        return True
+
     def _crashed(self, instance: Instance, why: str) -> None:
-        """Take a failed instance out, then restart it later or give up."""
+        """Take a failed instance out, then restart it later or give up.
+
+        Its output was shown as it came, so it is not repeated here.
+        """
+        if self._booting:
+            self._boot_failed(instance, why)
+            return
         now = time.monotonic()
         instance.backend.check_liveness = False
         self.cluster.set_state(instance.backend, DOWN, why)
@@ -271,13 +440,11 @@ class Supervisor:
             instance.failed = True
             self.cluster.set_state(instance.backend, FAILED, why)
             log.error(
-                "instance %s failed: %s, %d times within %gs; not restarting it. "
-                "Its last output:\n%s",
+                "instance %s failed: %s, %d times within %gs; not restarting it",
                 instance.id,
                 why,
                 len(crashes),
                 self.restart_window,
-                instance.last_output(),
             )
             return
         instance.failures += 1
@@ -287,13 +454,7 @@ class Supervisor:
         delay = min(0.5 * 2 ** (instance.failures - 1), 30.0)
         delay *= random.uniform(0.75, 1.25)
         instance.restart_at = now + delay
-        log.warning(
-            "instance %s %s; restarting it in %.1fs. Its last output:\n%s",
-            instance.id,
-            why,
-            delay,
-            instance.last_output(),
-        )
+        log.warning("instance %s %s; restarting it in %.1fs", instance.id, why, delay)
 
     # -- stopping -------------------------------------------------------------
 
@@ -373,38 +534,40 @@ class Supervisor:
 
     # -- rolling restart and scaling ------------------------------------------
 
-    def rolling_restart(self) -> bool:
+    def rolling_restart(self, background: bool = False) -> bool | None:
         """Replace every instance, one at a time; False if it had to stop.
 
         Each replacement must become ready before the instance it replaces
         is drained and stopped; one that does not stops the rollout and is
         thrown away, and the remaining old instances keep serving.
-        """
-        if not self._rolling.acquire(blocking=False):
-            log.warning("a rolling restart is already under way")
-            return False
-        try:
-            log.info("rolling restart of %d instances", len(self.instances))
-            for old in list(self.instances):
-                if not self._replace(old, "rolling restart"):
-                    return False
-            log.info("rolling restart done")
-            return True
-        finally:
-            self._rolling.release()
 
-    def restart(self, instance_id: str) -> bool:
-        """Replace one instance the way a rolling restart does."""
+        Raises :class:`~pyramid_lb.dispatcher.operations.Busy` when another
+        life-cycle operation is under way. With ``background`` it goes on in
+        a thread of its own once it is under way (and returns None).
+        """
+        return self.operations.run("rolling restart", self._roll, background)
+
+    def _roll(self) -> bool:
+        for old in list(self.instances):
+            if old in self.instances and not self._replace(old, "rolling restart"):
+                return False
+        return True
+
+    def restart(self, instance_id: str, background: bool = False) -> bool | None:
+        """Replace one instance the way a rolling restart does (and raise
+        Busy the same way); LookupError if there is no such instance."""
         instance = next((i for i in self.instances if i.id == instance_id), None)
         if instance is None:
             raise LookupError(f"no spawned instance {instance_id!r}")
-        with self._rolling:
-            return self._replace(instance, f"restart of {instance_id}")
+        what = f"restart of {instance_id}"
+        return self.operations.run(
+            what, lambda: self._replace(instance, what), background
+        )
 
     @property
     def rolling(self) -> bool:
-        """Whether a rolling restart (or a restart) is under way."""
-        return self._rolling.locked()
+        """Whether a life-cycle operation (a rolling restart, say) is under way."""
+        return self.operations.running is not None
 
     def _replace(self, old: Instance, what: str) -> bool:
         new = self._new_instance(old.ini)
@@ -413,13 +576,12 @@ class Supervisor:
         problem = self._wait_ready(new)
         if problem:
             self.retire(new)
+            # Its output was shown as it came: not repeated here.
             log.error(
-                "%s stopped: %s %s; the old instances keep serving. Its last "
-                "output:\n%s",
+                "%s stopped: %s %s; the old instances keep serving",
                 what,
                 new.id,
                 problem,
-                new.last_output(),
             )
             return False
         new.managed = False
@@ -431,7 +593,7 @@ class Supervisor:
         """None once ``instance`` takes requests, else what went wrong."""
         deadline = instance.started_at + self.startup_timeout
         while instance.backend.state != UP:
-            if instance.process.poll() is not None:
+            if instance.process.poll() is not None and not self._moved(instance):
                 return f"exited with code {instance.process.returncode}"
             if time.monotonic() > deadline:
                 return (
@@ -442,22 +604,61 @@ class Supervisor:
         return None
 
     def scale(self, count: int) -> int:
-        """Run ``count`` copies of the main ini file; returns the change."""
+        """Run ``count`` copies of the main ini file; returns the change.
+
+        The new instances are started and the leaving ones (the newest)
+        drained before this returns; the operation goes on in the
+        background until the new ones are ready and the others stopped.
+        Raises Busy when another life-cycle operation is under way.
+        """
         if self.main_ini is None:
             raise ValueError("scaling needs instances = N (copies of the ini file)")
         if count < 0:
             raise ValueError("the number of instances cannot be negative")
-        copies = [i for i in self.instances if i.ini == self.main_ini]
-        change = count - len(copies)
-        if change > 0:
-            for _ in range(change):
-                self._spawn(self._new_instance(self.main_ini))
-        for instance in reversed(copies[count:]):
-            instance.managed = True
-            threading.Thread(target=self.retire, args=(instance,), daemon=True).start()
-        if change:
-            log.info("scaled to %d instances of %s", count, self.main_ini)
+        self.operations.claim(f"scale to {count}")
+        try:
+            copies = [i for i in self.instances if i.ini == self.main_ini]
+            change = count - len(copies)
+            started = [self._new_instance(self.main_ini) for _ in range(change)]
+            for instance in started:
+                self._spawn(instance)
+            leaving = list(reversed(copies[count:]))
+            for instance in leaving:
+                instance.managed = True
+                self.cluster.hold(instance.backend)
+        except BaseException:
+            self.operations.release("stopped")
+            raise
+        threading.Thread(
+            target=self._settle,
+            args=(started, leaving),
+            name="pyramid_lb-scale",
+            daemon=True,
+        ).start()
         return change
+
+    def _settle(self, started: list[Instance], leaving: list[Instance]) -> None:
+        """The rest of a scale: wait for the new instances, stop the leaving."""
+        outcome = "done"
+        try:
+            retiring = [
+                threading.Thread(target=self.retire, args=(i,), daemon=True)
+                for i in leaving
+            ]
+            for thread in retiring:
+                thread.start()
+            for instance in started:
+                problem = self._wait_ready(instance)
+                if problem:  # the monitor restarts it as it does any other
+                    log.warning("instance %s %s", instance.id, problem)
+                    outcome = "done, with instances not ready yet"
+            for thread in retiring:
+                thread.join()
+        except Exception:
+            log.exception("scaling failed")
+            outcome = "stopped"
+        finally:
+            self.operations.release(outcome)
 
     def describe(self) -> list[dict]:
         """What the dashboard and stats show of each instance."""
@@ -485,8 +686,15 @@ def _last_check(backend: Backend) -> str:
     return backend.last_check[2] if backend.last_check else "none yet"
 
 
+def _ports(ports: Iterable[int]) -> str:
+    return ", ".join(str(port) for port in ports)
+
+
 def _bindable(port: int) -> bool:
     with socket.socket() as probe:
+        # As waitress binds: a port whose last connections linger in
+        # TIME_WAIT (an instance just replaced) is free, not in use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as exc:

@@ -194,6 +194,7 @@ class _Parsed:
         "status",
         "version",
         "extra",
+        "head_size",
     )
 
     def __init__(self):
@@ -207,6 +208,9 @@ class _Parsed:
         self.version = "1.1"
         #: Bytes came after the response: the connection is out of step.
         self.extra = False
+        #: The size of the head (interim ones included), as the callbacks
+        #: saw it: status line, names, values and their separators.
+        self.head_size = 0
 
     def on_message_begin(self) -> None:
         if self.complete:
@@ -217,10 +221,12 @@ class _Parsed:
 
     def on_status(self, reason: bytes) -> None:
         self.reason = reason
+        self.head_size += len(reason) + 15  # "HTTP/1.1 200 " and CRLF
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_done:  # later ones are chunked trailers: dropped
             self.headers.append((name, value))
+            self.head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -364,19 +370,14 @@ class Response:
     def complete(self) -> bool:
         return self.parsed.complete
 
-    def read_small(self) -> bytes | None:
-        """The whole body if it is small and of declared length, else None.
+    def arrived_whole(self) -> bytes | None:
+        """The whole body if it came with the head (most answers), else None.
 
-        Read before the head is passed on, so that a failure halfway can
-        still become a clean 502 rather than a cut-off response.
+        Nothing more is read: a body still arriving is streamed as it comes,
+        so that its first bytes reach the client as soon as the instance
+        sends them (long polling, progress output).
         """
-        length = self.length
-        if self.no_body or length is None or length > SMALL_BODY:
-            return None
-        body = self.take_buffered()
-        if not self.parsed.complete:
-            body += b"".join(self.stream())
-        return body
+        return self.take_buffered() if self.parsed.complete else None
 
     def take_buffered(self) -> bytes:
         """The body bytes that arrived with the head."""
@@ -551,8 +552,6 @@ def _exchange_on(pool, sock, reused, head, body, head_only) -> Response:
     feed = parsed.parser.feed_data
     received = 0
     while not parsed.head_done:
-        if received > MAX_HEAD:
-            raise BadResponse(f"the response head is larger than {MAX_HEAD} bytes")
         try:
             data = sock.recv(RECV_SIZE)
         except BlockingIOError:  # SO_RCVTIMEO expired
@@ -582,6 +581,10 @@ def _exchange_on(pool, sock, reused, head, body, head_only) -> Response:
             if not parsed.complete:
                 raise BadResponse(f"invalid response: {exc}") from None
             parsed.extra = True  # bytes after the response, or an upgrade
+        # Checked after every read: while the head is not done, every byte
+        # so far is head; once it is, its size is what the parser saw.
+        if (received if not parsed.head_done else parsed.head_size) > MAX_HEAD:
+            raise BadResponse(f"the response head is larger than {MAX_HEAD} bytes")
     status = parsed.status
     if status < 200 or status > 599:
         # Interim 1xx were skipped. Outside 100-599 is invalid (RFC 9110

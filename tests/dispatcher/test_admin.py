@@ -1,9 +1,15 @@
-"""The /_lb/ endpoints, in process (a dispatcher over instances that never run)."""
+"""The /_lb/ endpoints: in process (a dispatcher over instances that never run),
+and over real sockets where the Host a browser sends matters."""
+
+import http.client
+import json
 
 import pytest
+import requests
 import webtest
 
 from pyramid_lb.dispatcher import make_dispatcher
+from pyramid_lb.settings import SettingsError
 
 ADMIN = {"X-Requested-With": "test"}
 
@@ -101,3 +107,95 @@ def test_metrics_are_prometheus_text(app):
     response = app.get("/_lb/metrics")
     assert response.content_type == "text/plain"
     assert "pyramid_lb_requests_total" in response.text
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        pytest.param({"Host": "localhost:80"}, True, id="localhost"),
+        pytest.param({"Host": "localhost.:80"}, True, id="localhost, dot"),
+        pytest.param({"Host": "127.0.0.1"}, True, id="ip, default port"),
+        pytest.param({"Origin": "http://[::1]:80"}, True, id="ipv6 origin"),
+        pytest.param({"Origin": "http://10.1.2.3"}, True, id="another ip"),
+        pytest.param({"Host": "lb.example.com:8443"}, True, id="configured name"),
+        pytest.param({"Origin": "https://lb.example.com"}, True, id="configured"),
+        pytest.param({"Host": "other.example:9000"}, True, id="configured port"),
+        pytest.param({"Host": "other.example:9001"}, False, id="another port"),
+        pytest.param(
+            {"Host": "evil.example:80", "Origin": "http://evil.example:80"},
+            False,
+            id="rebound page",
+        ),
+        pytest.param({"Host": "evil.example:80"}, False, id="rebound host"),
+        pytest.param(
+            {"Host": "localhost:80", "Origin": "http://evil.example"},
+            False,
+            id="origin wins over host",
+        ),
+        pytest.param({"Origin": "http://localhost:81"}, False, id="localhost port"),
+        pytest.param({"Origin": "null"}, False, id="opaque origin"),
+        pytest.param({"Host": "localhost:x"}, False, id="garbage"),
+    ],
+)
+def test_actions_only_for_the_dispatchers_own_origin(headers, allowed):
+    dispatcher = make_dispatcher(
+        {},
+        backends="http://127.0.0.1:9",
+        admin_hosts="lb.example.com other.example:9000",
+    )
+    app = webtest.TestApp(dispatcher, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    try:
+        response = app.post(
+            "/_lb/instances/127.0.0.1:9/drain",
+            headers={**ADMIN, **headers},
+            status=200 if allowed else 403,
+        )
+    finally:
+        dispatcher.stop()
+    assert dispatcher.cluster.get("127.0.0.1:9").held is allowed
+    if not allowed:
+        assert "is not this dispatcher's address" in response.json["error"]
+        assert "admin_hosts" in response.json["error"]
+
+
+def test_admin_hosts_are_checked():
+    with pytest.raises(SettingsError) as info:
+        make_dispatcher({}, backends="http://127.0.0.1:9", admin_hosts="http://lb")
+    assert str(info.value) == (
+        "[app:dispatcher] admin_hosts: 'http://lb' is not a host name or name:port "
+        "(e.g. lb.example.com or lb.example.com:8080)"
+    )
+
+
+def post_from(url, path, host, origin=None):
+    """POST ``path`` with the Host (and Origin) a browser on another site sends."""
+    address, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(address, int(port), timeout=10)
+    headers = {"Host": host, "X-Requested-With": "XMLHttpRequest"}
+    if origin:
+        headers["Origin"] = origin
+    try:
+        conn.request("POST", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_rebound_page_cannot_act(processes):
+    """DNS rebinding, over real sockets: evil.example now resolves to us."""
+    backend = processes.backend("a1")
+    _, url = processes.dispatcher([backend], admin_hosts="lb.test")
+    port = url.rsplit(":", 1)[1]
+    drain = f"/_lb/instances/127.0.0.1:{backend.url.rsplit(':', 1)[1]}/drain"
+    status, answer = post_from(
+        url, drain, f"evil.example:{port}", f"http://evil.example:{port}"
+    )
+    assert status == 403
+    assert "Origin 'http://evil.example:" in answer["error"]
+    stats = requests.get(url + "/_lb/stats.json", timeout=10).json()
+    assert stats["instances"][0]["state"] == "up"
+    # The dispatcher's own address, and a configured name, are obeyed.
+    assert post_from(url, drain, f"127.0.0.1:{port}")[0] == 200
+    enable = drain.replace("/drain", "/enable")
+    assert post_from(url, enable, f"lb.test:{port}", f"http://lb.test:{port}")[0] == 200

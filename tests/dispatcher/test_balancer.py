@@ -529,6 +529,16 @@ def test_hash_bounded_loads(home_in_flight, moves):
     assert strategy.choose(KEYED) is (next_on_ring if moves else home)
 
 
+def test_hash_keeps_a_key_home_however_loaded_by_default():
+    members = backends("a", "b", "c")
+    strategy = ConsistentHash(Cluster(members), key="header:X-Key")
+    home = strategy.choose(KEYED)
+    for backend in members:
+        backend.in_flight = 0
+    home.in_flight = 1000
+    assert placement(strategy, [KEYED] * 20) == [home] * 20
+
+
 def test_hash_takes_the_least_loaded_when_all_are_over_the_bound():
     a, b, c = members = backends("a", "b", "c")
     a.in_flight, b.in_flight, c.in_flight = 3, 2, 3

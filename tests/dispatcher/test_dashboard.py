@@ -1,8 +1,8 @@
 """The /_lb/ dashboard in a real headless Chromium, over a real dispatcher.
 
 Playwright drives Debian's chromium (no browser download): the tests skip
-where it is not installed. The main test leaves ``dashboard.png`` in its
-tmp_path.
+where it is not installed. The main test leaves ``dashboard-1280.png`` and
+``dashboard-390.png`` (a laptop and a phone) in its tmp_path.
 """
 
 import re
@@ -45,9 +45,14 @@ def browser():
             browser.close()
 
 
+#: A laptop's width; the main test also looks at a phone's (PHONE).
+LAPTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    context = browser.new_context(viewport=LAPTOP)
     context.set_default_timeout(10_000)
     try:
         yield context.new_page()
@@ -85,10 +90,14 @@ def test_dashboard_shows_and_drains(processes, page, tmp_path):
     served = {w["instance"] for w in who(url, 20)}
     assert served == {"site-1", "site-3"}
 
-    screenshot = tmp_path / "dashboard.png"
-    page.screenshot(path=screenshot, full_page=True)
-    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert screenshot.stat().st_size > 20_000
+    for size in (LAPTOP, PHONE):
+        page.set_viewport_size(size)
+        screenshot = tmp_path / f"dashboard-{size['width']}.png"
+        page.screenshot(path=screenshot, full_page=True)
+        assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert screenshot.stat().st_size > 20_000
+        assert_fits(page, size["width"])
+    page.set_viewport_size(LAPTOP)
 
     page.get_by_role("button", name="Enable site-2").click()
     expect(drained.locator(".state")).to_have_text("up")
@@ -99,6 +108,25 @@ def test_dashboard_shows_and_drains(processes, page, tmp_path):
     assert refused.status_code == 403
     assert "X-Requested-With" in refused.json()["error"]
     assert all_up(url, 3)
+
+
+def assert_fits(page, width):
+    """Nothing wider than the window, nothing cut off in a scrolled box: every
+    button (the last column) lies inside the window."""
+    widths = page.evaluate(
+        """() => [document.documentElement.scrollWidth,
+                  ...[...document.querySelectorAll('.scroll, .cards dd')].map(
+                      (node) => node.scrollWidth - node.clientWidth)]"""
+    )
+    assert widths[0] <= width, f"the page is {widths[0]} px wide in {width} px"
+    assert max(widths[1:]) <= 0, "a table or card is wider than its box"
+    buttons = page.locator("button:visible")
+    assert buttons.count() >= 4  # Rolling restart, and Drain/Enable, Restart
+    for index in range(buttons.count()):
+        box = buttons.nth(index).bounding_box()
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width, buttons.nth(
+            index
+        ).get_attribute("aria-label")
 
 
 def test_lost_connection_is_shown_and_recovers(processes, page, tmp_path):
@@ -191,18 +219,20 @@ def test_every_state_is_drawn_from_text(page):
         "sticky": "cookie",
         "panic": True,
         "supervised": False,
+        "operation": "scale to 4",
         "rolling": True,
         "totals": {
             "instances": 5,
             "up": 0,
             "in_flight": 0,
-            "requests": 0,
+            "requests": 3_703_701,
             "errors": 3,
             "retries": 0,
             "unrouted": 4,
             "rate": 0,
         },
-        "rate": [[int(now) - 60 + i, i % 7] for i in range(60)],
+        # [second, sent to an instance, answered by the dispatcher itself]
+        "rate": [[int(now) - 60 + i, i % 7, int(i == 59)] for i in range(60)],
         "instances": [
             canned_instance("a", "starting"),
             canned_instance("b", "up", ejected=True, errors=3),
@@ -238,16 +268,29 @@ def test_every_state_is_drawn_from_text(page):
     expect(check).to_have_text(f"failed · 75 s ago{sneaky}")
     expect(page.locator('tr[data-id="a"] td').nth(9)).to_have_text("not checked yet")
     expect(page.locator("#panic")).to_be_visible()
-    expect(page.locator("#rolling")).to_be_visible()
+    expect(page.locator("#rolling")).to_have_text(
+        "Scale to 4 under way: other actions wait until it is done."
+    )
     expect(page.locator("#policy")).to_have_text(
         "strategy least_connections · sticky cookie"
     )
     expect(page.locator("#t-unrouted")).to_have_text("4")
-    expect(page.locator("#chart-note")).to_have_text("peak 6 · last 3 req/s")
+    # Unrouted answers are stacked on the chart (and said), as the cards
+    # count them apart from Requests.
+    expect(page.locator("#chart-note")).to_have_text(
+        "peak 6 · last 3 + 1 unrouted req/s"
+    )
+    assert page.locator("svg rect.unrouted").count() == 60
+    assert page.locator("svg rect.unrouted").nth(59).get_attribute("height") == "10"
+    # A large count is shown short, in full as its tooltip: the card holds it.
+    expect(page.locator("#t-requests")).to_have_text("3.7M")
+    expect(page.locator("#t-requests")).to_have_attribute("title", "3,703,701")
     # Nothing to restart when the dispatcher spawns no instances.
     restart = re.compile("restart", re.IGNORECASE)
     expect(page.get_by_role("button", name=restart)).to_have_count(0)
     expect(page.get_by_role("button", name="Enable c")).to_be_visible()
+    # The dispatcher would refuse it while the scale runs.
+    expect(page.get_by_role("button", name="Enable c")).to_be_disabled()
     assert page.title() == "0/5 up · pyramid_lb"
 
 

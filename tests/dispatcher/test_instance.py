@@ -10,7 +10,8 @@ import time
 import pytest
 import requests
 
-from pyramid_lb.dispatcher.instance import listen_host
+from pyramid_lb.dispatcher.instance import listen_host, listen_problem
+from pyramid_lb.process import PORT_IN_USE
 from tests.processes import ROOT, get, wait_until
 
 RUNNER = [sys.executable, "-m", "pyramid_lb.dispatcher.instance"]
@@ -244,6 +245,18 @@ def assert_one_line(stderr: str, *words: str) -> None:
         pytest.param(
             PLAIN_INI, ["--server", "nope"], 1, ["No section 'nope'"], id="section"
         ),
+        pytest.param(
+            PLAIN_INI.replace(
+                "listen = 127.0.0.1:%(http_port)s", "listen = 127.0.0.1:99999"
+            ),
+            [],
+            1,
+            [
+                "[server:main] listen = '127.0.0.1:99999' is not valid: the port of "
+                "'127.0.0.1:99999' is above 65535; expected a TCP port from 1 to 65535"
+            ],
+            id="listen port wrapped by waitress",
+        ),
     ],
 )
 def test_errors_are_one_line(tmp_path, ini_text, args, code, words):
@@ -271,7 +284,8 @@ def test_port_in_use():
         taken.listen()
         port = taken.getsockname()[1]
         code, out, err = run_failing([FIXTURES / "instance_plain.ini", port])
-    assert (code, out) == (1, "")
+    # Its own status: the supervisor moves the instance to another port.
+    assert (code, out) == (PORT_IN_USE, "")
     assert_one_line(err, f"cannot listen on 127.0.0.1:{port}: address already in use")
 
 
@@ -292,6 +306,42 @@ def test_port_in_use():
 )
 def test_listen_host(conf, host):
     assert listen_host(conf) == host
+
+
+@pytest.mark.parametrize(
+    "conf, problem",
+    [
+        pytest.param({"listen": "*:8080"}, None, id="port"),
+        pytest.param({"listen": "127.0.0.1:0"}, None, id="any free port"),
+        pytest.param({"listen": "*:http"}, None, id="service name"),
+        pytest.param({"listen": "[::1]"}, None, id="ipv6 without a port"),
+        pytest.param({"listen": "::1"}, None, id="bare ipv6 address"),
+        pytest.param({"host": "*", "port": "6543"}, None, id="host and port"),
+        pytest.param(
+            {"listen": "*:99999"},
+            "listen = '*:99999' is not valid: the port of '*:99999' is above 65535",
+            id="above 65535",
+        ),
+        pytest.param(
+            {"listen": "127.0.0.1:8080 [::1]:70000"},
+            "the port of '[::1]:70000' is above 65535",
+            id="second entry",
+        ),
+        pytest.param(
+            {"listen": "*:eighty"},
+            "the port of '*:eighty' is not a number",
+            id="not a number",
+        ),
+        pytest.param({"port": "65536"}, "port = '65536' is not valid", id="port key"),
+    ],
+)
+def test_listen_problem(conf, problem):
+    found = listen_problem(conf)
+    if problem is None:
+        assert found is None
+    else:
+        assert problem in found
+        assert found.endswith("expected a TCP port from 1 to 65535 (0: any free port)")
 
 
 def test_serves_on_ipv6_when_the_ini_asks(processes, tmp_path):

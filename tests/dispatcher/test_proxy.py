@@ -17,14 +17,16 @@ import requests
 
 from pyramid_lb.dispatcher.balancer import RoundRobin
 from pyramid_lb.dispatcher.cluster import Backend, Cluster
-from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
+from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget, via_names
 from pyramid_lb.dispatcher.upstream import UpstreamError
+from pyramid_lb.forwarded import ProxyHeaders
 from tests.dispatcher import canned
 from tests.dispatcher.canned import Canned
 from tests.dispatcher.site import Load
 from tests.processes import ROOT, wait_until
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+PREFIXED = "x-forwarded-for x-forwarded-proto x-forwarded-host x-forwarded-prefix"
 
 FAST_CHECKS = {
     "health_check_interval": "0.1",
@@ -146,8 +148,7 @@ def test_headers_both_ways(processes, trio):
     assert seen["X-Kept"] == "end-to-end"
     assert seen["Host"] == f"127.0.0.1:{port}"
     assert echo["uri"] == "/echo?x=1"
-    # waitress (clear_untrusted_proxy_headers) dropped the client's own
-    # X-Forwarded-*: the dispatcher is the first proxy.
+    # The client's own X-Forwarded-* are dropped: nobody is trusted.
     assert seen["X-Forwarded-For"] == "127.0.0.1"
     assert seen["X-Forwarded-Proto"] == "http"
     assert seen["X-Forwarded-Host"] == f"127.0.0.1:{port}"
@@ -404,8 +405,13 @@ def test_the_demo_sees_the_real_client_behind_the_dispatcher(processes):
         finally:
             conn.close()
 
-    # The demo warms up for a second; the dispatcher waits for its readiness.
-    wait_until(lambda: [whoami()[0] for _ in range(4)] == [200] * 4)
+    # The demos warm up for a second; the dispatcher waits for their readiness.
+    def both_up():
+        answers = [whoami() for _ in range(4)]
+        statuses = [status for status, _ in answers]
+        return statuses == [200] * 4 and len({who["pid"] for _, who in answers}) == 2
+
+    wait_until(both_up, 20)
     seen = [whoami()[1] for _ in range(4)]
     assert {who["client_addr"] for who in seen} == {"127.0.0.2"}
     assert {who["scheme"] for who in seen} == {"http"}
@@ -422,7 +428,7 @@ def canned_proxy():
     started = []
     pools = []
 
-    def make(*answers, retries=2, budget=None):
+    def make(*answers, retries=2, budget=None, **options):
         servers = [Canned(answer) for answer in answers]
         started.extend(servers)
         cluster = Cluster(
@@ -433,7 +439,7 @@ def canned_proxy():
             RoundRobin(cluster),
             retries=retries,
             retry_budget=budget,
-            name="lb-unit",
+            **{"name": "lb-unit", **options},
         )
         pools.extend(b.pool for b in cluster.backends)
         return proxy, servers, cluster.backends
@@ -455,11 +461,13 @@ def call(app, method="GET", path="/", **environ):
         "SERVER_NAME": "example.org",
         "SERVER_PORT": "8080",
         "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "example.org:8080",
         "REMOTE_ADDR": "192.0.2.1",
         "wsgi.url_scheme": "http",
         "wsgi.input": io.BytesIO(b""),
         **environ,
     }
+    env = {key: value for key, value in env.items() if value is not None}
     seen = {}
 
     def start_response(status, headers, exc_info=None):
@@ -470,8 +478,16 @@ def call(app, method="GET", path="/", **environ):
 
 
 def test_uri_and_host_without_request_uri_or_host(canned_proxy):
+    # HTTP/1.0 may leave out Host: the server's name and port stand in
     proxy, (server,), _ = canned_proxy(canned.in_turn(OK))
-    status, _, body = call(proxy, path="/a b/é", QUERY_STRING="x=1", SCRIPT_NAME="/app")
+    status, _, body = call(
+        proxy,
+        path="/a b/é",
+        QUERY_STRING="x=1",
+        SCRIPT_NAME="/app",
+        SERVER_PROTOCOL="HTTP/1.0",
+        HTTP_HOST=None,
+    )
     assert (status, body) == ("200 OK", b"ok")
     head = server.requests[0].head
     assert server.requests[0].request_line == b"GET /app/a%20b/%C3%A9?x=1 HTTP/1.1"
@@ -557,6 +573,8 @@ def test_failure_mid_body_ends_the_response_with_an_error(canned_proxy, caplog):
             "REQUEST_URI": "/",
             "SERVER_NAME": "x",
             "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "HTTP_HOST": "x",
             "REMOTE_ADDR": "192.0.2.1",
             "wsgi.url_scheme": "http",
             "wsgi.input": io.BytesIO(),
@@ -571,3 +589,242 @@ def test_failure_mid_body_ends_the_response_with_an_error(canned_proxy, caplog):
     body.close()
     assert backends[0].in_flight == 0
     assert "failed mid-response" in caplog.text
+
+
+# -- what the instance is told ---------------------------------------------------
+
+
+def sent_headers(server):
+    """The headers of the last request the canned instance got, by name."""
+    lines = server.requests[-1].head.decode("latin-1").split("\r\n")[1:]
+    headers = {}
+    for line in filter(None, lines):
+        name, _, value = line.partition(": ")
+        headers.setdefault(name, []).append(value)
+    return headers
+
+
+FORGED = {
+    "HTTP_X_FORWARDED_FOR": "6.6.6.6",
+    "HTTP_X_FORWARDED_PROTO": "https",
+    "HTTP_X_FORWARDED_HOST": "evil.example",
+    "HTTP_X_FORWARDED_PORT": "9",
+    "HTTP_X_FORWARDED_PREFIX": "/evil",
+    "HTTP_X_FORWARDED_SSL": "on",
+    "HTTP_FORWARDED": "for=6.6.6.6;host=evil.example;proto=https",
+    "HTTP_X_REAL_IP": "6.6.6.6",
+    "HTTP_CF_CONNECTING_IP": "6.6.6.6",
+    "HTTP_TRUE_CLIENT_IP": "6.6.6.6",
+}
+TRUSTING = {"trusted": ProxyHeaders("192.0.2.1", 1, PREFIXED)}
+
+
+@pytest.mark.parametrize(
+    ("options", "environ", "expected"),
+    [
+        pytest.param(
+            {},
+            {"HTTP_HOST": "example.org"},
+            {"Host": "example.org", "X-Forwarded-Port": "80"},
+            id="no port in host: the scheme's default, not the socket's",
+        ),
+        pytest.param(
+            {},
+            {"HTTP_HOST": "example.org", "wsgi.url_scheme": "https"},
+            {"X-Forwarded-Port": "443", "X-Forwarded-Proto": "https"},
+            id="no port in host over https",
+        ),
+        pytest.param(
+            {},
+            {"HTTP_HOST": "example.org:80"},
+            {"X-Forwarded-Host": "example.org:80", "X-Forwarded-Port": "80"},
+            id="default port written",
+        ),
+        pytest.param(
+            {},
+            {"HTTP_HOST": "[2001:db8::1]"},
+            {"X-Forwarded-Host": "[2001:db8::1]", "X-Forwarded-Port": "80"},
+            id="ipv6 literal without port",
+        ),
+        pytest.param(
+            {},
+            {"HTTP_HOST": "[2001:db8::1]:8443"},
+            {"X-Forwarded-Port": "8443"},
+            id="ipv6 literal with port",
+        ),
+        pytest.param(
+            {},
+            {"HTTP_HOST": "example.org:9000", **FORGED},
+            {
+                "Host": "example.org:9000",
+                "X-Forwarded-For": "192.0.2.1",
+                "X-Forwarded-Proto": "http",
+                "X-Forwarded-Host": "example.org:9000",
+                "X-Forwarded-Port": "9000",
+                "Forwarded": 'for=192.0.2.1;proto=http;host="example.org:9000"',
+            },
+            id="nobody trusted: every forwarding header replaced",
+        ),
+        pytest.param(
+            TRUSTING,
+            {"REMOTE_ADDR": "192.0.2.99", "HTTP_HOST": "example.org", **FORGED},
+            {
+                "X-Forwarded-For": "192.0.2.99",
+                "X-Forwarded-Proto": "http",
+                "X-Forwarded-Host": "example.org",
+            },
+            id="untrusted peer: every forwarding header replaced",
+        ),
+        pytest.param(
+            TRUSTING,
+            {
+                "HTTP_HOST": "internal:8080",
+                "HTTP_X_FORWARDED_FOR": "6.6.6.6, 203.0.113.9",
+                "HTTP_X_FORWARDED_PROTO": "https",
+                "HTTP_X_FORWARDED_HOST": "shop.example",
+                "HTTP_X_FORWARDED_PREFIX": "/shop",
+            },
+            {
+                "Host": "shop.example",
+                "X-Forwarded-For": "203.0.113.9, 203.0.113.9",
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "shop.example",
+                "X-Forwarded-Port": "443",
+                "X-Forwarded-Prefix": "/shop",
+                "Forwarded": "for=203.0.113.9;proto=https;host=shop.example",
+            },
+            id="trusted front: its view passed on, the client last",
+        ),
+        pytest.param(
+            {"trusted": ProxyHeaders("192.0.2.1", 1, "cf-connecting-ip")},
+            {"HTTP_HOST": "example.org", "HTTP_CF_CONNECTING_IP": "2001:db8::9"},
+            {
+                "X-Forwarded-For": "2001:db8::9",
+                "Forwarded": 'for="[2001:db8::9]";proto=http;host=example.org',
+            },
+            id="trusted cloudflare names the client",
+        ),
+        pytest.param(
+            {"trusted": ProxyHeaders("192.0.2.1", 1, "forwarded")},
+            {
+                "HTTP_HOST": "example.org",
+                "HTTP_FORWARDED": "for=6.6.6.6, for=203.0.113.9;proto=https",
+            },
+            {
+                "Forwarded": "for=203.0.113.9;proto=https, "
+                "for=203.0.113.9;proto=https;host=example.org",
+                "X-Forwarded-Proto": "https",
+            },
+            id="trusted rfc 7239 element kept, ours appended",
+        ),
+    ],
+)
+def test_the_instance_is_told_the_dispatchers_view(
+    canned_proxy, options, environ, expected
+):
+    proxy, (server,), _ = canned_proxy(OK, **options)
+    status, _, _ = call(proxy, **environ)
+    assert status == "200 OK"
+    seen = sent_headers(server)
+    for name, value in expected.items():
+        assert seen.get(name) == [value], name
+    for name in ("X-Forwarded-Ssl", "X-Real-Ip", "Cf-Connecting-Ip", "True-Client-Ip"):
+        assert name not in seen
+    if "X-Forwarded-Prefix" not in expected:
+        assert "X-Forwarded-Prefix" not in seen
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        pytest.param({"HTTP_HOST": None}, id="http/1.1 without host"),
+        pytest.param({"HTTP_HOST": "good.example, evil.example"}, id="two hosts"),
+        pytest.param({"HTTP_HOST": "good.example evil"}, id="whitespace"),
+        pytest.param({"HTTP_HOST": "good.example/evil"}, id="slash"),
+        pytest.param({"HTTP_HOST": "user@good.example"}, id="userinfo"),
+        pytest.param({"HTTP_HOST": ""}, id="empty"),
+        pytest.param({"HTTP_HOST": "good.example:99999"}, id="port out of range"),
+        pytest.param({"REQUEST_URI": "ftp://x/y"}, id="target neither path nor url"),
+    ],
+)
+def test_a_bad_host_is_400_and_never_forwarded(canned_proxy, environ):
+    proxy, (server,), _ = canned_proxy(OK)
+    status, _, body = call(proxy, **environ)
+    assert status == "400 Bad Request"
+    assert server.requests == []
+
+
+def test_a_malformed_trusted_header_is_400(canned_proxy):
+    proxy, (server,), _ = canned_proxy(OK, **TRUSTING)
+    status, _, body = call(proxy, HTTP_X_FORWARDED_FOR="not-an-address")
+    assert status == "400 Bad Request"
+    assert b"X-Forwarded-For" in body
+    assert server.requests == []
+
+
+def test_via_names():
+    value = '1.1 lb (pyramid_lb, "a (b)"), HTTP/1.0 Other-Proxy, 2 third (x (y))'
+    assert via_names(value) == ["lb", "other-proxy", "third"]
+
+
+@pytest.mark.parametrize(
+    ("name", "via", "loop"),
+    [
+        pytest.param("lb", "1.1 lb (pyramid_lb)", True, id="own name"),
+        pytest.param("lb", "1.1 web, 1.1 LB", True, id="own name further on"),
+        pytest.param("lb", "1.1 lb-staging (pyramid_lb)", False, id="longer name"),
+        pytest.param("host-123", "1.1 host-1234 (pyramid_lb)", False, id="pid prefix"),
+        pytest.param("lb", "1.1 other (lb)", False, id="in a comment"),
+    ],
+)
+def test_a_loop_is_its_own_name_exactly(canned_proxy, name, via, loop):
+    proxy, (server,), _ = canned_proxy(OK, name=name)
+    status, _, _ = call(proxy, HTTP_VIA=via)
+    assert status == ("508 Loop Detected" if loop else "200 OK")
+    assert len(server.requests) == (0 if loop else 1)
+
+
+def test_a_trickling_body_reaches_the_client_as_it_comes(processes, trio):
+    _, url = processes.dispatcher(trio[:1])
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        started = time.monotonic()
+        conn.request("GET", "/trickle?s=0.4")
+        response = conn.getresponse()
+        first = response.read(1)
+        first_at = time.monotonic() - started
+        rest = response.read()
+    finally:
+        conn.close()
+    assert first + rest == b"hello"
+    assert first_at < 0.5
+
+
+def test_one_key_stays_on_its_instance_under_concurrency(processes, trio):
+    _, url = processes.dispatcher(
+        trio, strategy="hash", hash_key="header:Authorization"
+    )
+    headers = {"Authorization": "Bearer one-user"}
+
+    def client(_):
+        with requests.Session() as session:
+            return [
+                session.get(url + "/slow?s=0.05", headers=headers, timeout=10)
+                for _ in range(5)
+            ]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [a for batch in pool.map(client, range(8)) for a in batch]
+    assert [a.status_code for a in answers] == [200] * 40
+    assert len({a.json()["name"] for a in answers}) == 1
+
+
+def test_an_apps_503_is_passed_on_and_not_held_against_the_instance(canned_proxy):
+    busy = b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 4\r\n\r\nbusy"
+    proxy, _, (backend,) = canned_proxy(busy)
+    for _ in range(6):
+        status, headers, body = call(proxy)
+        assert (status, headers["Retry-After"], body) == ("503 Busy", "7", b"busy")
+    assert not backend.ejected
+    assert backend.failures == 0

@@ -8,8 +8,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyramid_lb.dispatcher.stats import BUCKETS, Tally
-from tests.processes import BIN
+from pyramid_lb.dispatcher.stats import BUCKETS, KEEP, Tally
+from tests.processes import BIN, wait_until
 
 
 def test_tally_counts_classes_buckets_and_percentiles():
@@ -36,6 +36,54 @@ def test_a_latency_beyond_the_last_bucket_lands_in_inf():
     tally = Tally()
     tally.add(200, 60.0)
     assert tally.buckets[-1] == 1
+
+
+def test_tally_counts_each_second():
+    now = [1000.2]
+    tally = Tally(clock=lambda: now[0])
+    tally.add(200, 0.01)
+    tally.add(503, 0.01)
+    now[0] = 1001.5
+    tally.add(200, 0.01)
+    now[0] = 1002.0
+    history = tally.history()
+    assert len(history) == KEEP
+    assert history[-2:] == [2, 1]  # whole seconds only: 1002 is not over
+    assert sum(history) == tally.count
+    now[0] = 1000.0 + KEEP + 2  # a minute later, it has all gone by
+    assert sum(tally.history()) == 0
+    tally.add(200, 0.01)  # reusing the slot of 1002
+    assert sum(tally.history(int(now[0]) + 1)) == 1
+
+
+def test_the_chart_counts_what_the_cards_count(processes):
+    """Answers the dispatcher gives itself (503: nothing to route to) are
+    Unrouted, on the chart as on the cards, never Requests."""
+    backend = processes.backend("c1")
+    _, url = processes.dispatcher([backend])
+    name = backend.url.removeprefix("http://")
+    with requests.Session() as client:
+        for _ in range(3):
+            assert client.get(url + "/whoami", timeout=10).status_code == 200
+        client.post(
+            f"{url}/_lb/instances/{name}/drain",
+            headers={"X-Requested-With": "t"},
+            timeout=10,
+        )
+        for _ in range(5):
+            assert client.get(url + "/whoami", timeout=10).status_code == 503
+
+        def settled():
+            # The chart has whole seconds: wait for the last one to end.
+            stats = client.get(url + "/_lb/stats.json", timeout=10).json()
+            charted = (
+                sum(point[1] for point in stats["rate"]),
+                sum(point[2] for point in stats["rate"]),
+            )
+            return charted == (3, 5) and stats
+
+        stats = wait_until(settled, timeout=5)
+    assert (stats["totals"]["requests"], stats["totals"]["unrouted"]) == (3, 5)
 
 
 def whoami_from(url, source):
@@ -109,7 +157,7 @@ def test_stats_json_and_the_access_log(processes):
         i["p50_ms"] is not None and i["p99_ms"] >= i["p50_ms"]
         for i in stats["instances"]
     )
-    assert sum(n for _, n in stats["rate"]) + stats["totals"]["rate"] >= 0
+    assert len(stats["rate"]) == 60
     lines = re.findall(r"INFO \[pyramid_lb.access\] (.*)", process.output())
     assert len(lines) == 4
     client_addr, request, status, size, duration, instance, request_id = re.fullmatch(

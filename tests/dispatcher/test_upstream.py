@@ -6,6 +6,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -238,7 +239,7 @@ def test_until_close_flags(serve):
         assert response.until_close
         assert not response.keep_alive
         assert response.length is None
-        assert response.read_small() is None
+        assert response.arrived_whole() is None
     finally:
         response.close()
 
@@ -349,48 +350,46 @@ def test_response_after_the_body_is_not_streamed(serve):
 
 
 @pytest.mark.parametrize(
-    "reply",
+    ("reply", "body"),
     [
-        pytest.param(OK, id="all with the head"),
+        pytest.param(OK, b"ok", id="declared length"),
         pytest.param(
-            [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no", b"k"], id="split"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+            b"ok",
+            id="chunked",
         ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (SMALL_BODY + 1)
+            + bytes(SMALL_BODY + 1),
+            None,
+            id="larger than one read",
+        ),
+        pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", b"", id="no body"),
     ],
 )
-def test_read_small(serve, reply):
+def test_a_body_that_came_with_the_head_is_taken_whole(serve, reply, body):
     _, pool = serve(reply)
     response = exchange(pool, GET)
     try:
-        assert response.read_small() == b"ok"
+        assert response.arrived_whole() == body
+    finally:
+        response.close()
+
+
+def test_a_body_still_arriving_is_not_waited_for(serve):
+    gate = Gate()
+    _, pool = serve([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no", gate, b"k"])
+    response = exchange(pool, GET)
+    try:
+        assert response.arrived_whole() is None
+        assert response.take_buffered() == b"o"
+        gate.open()
+        assert b"".join(response.stream()) == b"k"
         assert response.complete
     finally:
         response.release()
     assert len(pool._idle) == 1
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        pytest.param(
-            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (SMALL_BODY + 1)
-            + bytes(SMALL_BODY + 1),
-            id="large",
-        ),
-        pytest.param(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"2\r\nok\r\n0\r\n\r\n",
-            id="chunked",
-        ),
-        pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", id="no body"),
-    ],
-)
-def test_read_small_declines(serve, reply):
-    _, pool = serve(reply)
-    response = exchange(pool, GET)
-    try:
-        assert response.read_small() is None
-    finally:
-        response.close()
 
 
 # -- responses without a body and interim responses ---------------------------
@@ -406,7 +405,7 @@ def test_head_with_content_length(serve):
         assert response.complete
         assert response.length == 1000
         assert ("Content-Length", "1000") in response.headers
-        assert response.read_small() is None
+        assert response.arrived_whole() == b""
         assert list(response.stream()) == []
     finally:
         response.release()
@@ -576,7 +575,7 @@ def test_clear(serve):
     responses = [exchange(pool, GET) for _ in range(3)]
     sockets = [r.sock for r in responses]
     for response in responses:
-        response.read_small()
+        response.arrived_whole()
         response.release()
     assert len(pool._idle) == 3
     pool.clear()
@@ -798,6 +797,38 @@ def test_connect_timeout():
                 exchange(pool, GET)
             assert time.monotonic() - started < 1.0
     assert not caught.value.sent
+
+
+def half_head(count):
+    return b"".join(b"X-Filler-%05d: 0123456789\r\n" % i for i in range(count))
+
+
+@pytest.mark.parametrize(
+    ("second", "refused"),
+    [
+        pytest.param(half_head(1600) + b"Content-Length: 2\r\n\r\nok", True, id="over"),
+        pytest.param(
+            b"Content-Length: 70000\r\n\r\n" + bytes(70000), False, id="under"
+        ),
+    ],
+)
+def test_head_limit_holds_across_reads(serve, second, refused):
+    """A head ending in the read that takes it past the limit is refused; the
+    body read with it does not count."""
+    gate = Gate()
+    first = b"HTTP/1.1 200 OK\r\n" + half_head(1600)  # about 3/4 of the limit
+    assert MAX_HEAD // 2 < len(first) < MAX_HEAD
+    _, pool = serve([first, gate, second])
+    threading.Timer(0.2, gate.open).start()
+    if refused:
+        with pytest.raises(BadResponse, match="head is larger than"):
+            exchange(pool, GET)
+        return
+    response = exchange(pool, GET)
+    try:
+        assert response.status == 200
+    finally:
+        response.close()
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,19 @@ def make_app(name: str, log_dir: str | None):
                 if query.get("only", name) != name:
                     code = 200
                 return respond(start_response, name, f"{code} Whatever")
+            if path == "/trickle":
+                # A short body of declared length, a byte at a time.
+                delay = float(query.get("s", "0.4"))
+
+                def trickle():
+                    for byte in b"hello":
+                        yield bytes([byte])
+                        time.sleep(delay)
+
+                start_response(
+                    "200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")]
+                )
+                return trickle()
             if path == "/big":
                 size = int(query["mb"]) << 20
                 chunk = b"x" * (1 << 16)

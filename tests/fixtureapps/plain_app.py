@@ -9,6 +9,16 @@ def main(global_config, **settings):
     """The paste app factory (``use = call:tests.fixtureapps.plain_app:main``)."""
 
     def app(environ, start_response):
+        if environ["PATH_INFO"] == "/big":  # ?mb=N, streamed with its length
+            size = int(environ["QUERY_STRING"].partition("mb=")[2]) << 20
+            start_response(
+                "200 OK",
+                [
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Length", str(size)),
+                ],
+            )
+            return (b"x" * 65536 for _ in range(size // 65536))
         body = json.dumps(
             {
                 "instance": os.environ.get("PYRAMID_LB_INSTANCE"),

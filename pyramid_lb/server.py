@@ -1,0 +1,286 @@
+"""Waitress, hardened for the front line: strict framing, early refusals, many
+connections, and a stop that finishes the answers still being sent.
+
+``egg:pyramid_lb#waitress`` is waitress with these changes, for
+``[server:dispatcher]`` (and ``[server:main]`` if you like); ``pyramid-lb
+serve`` applies them to a ``egg:waitress#main`` section too.
+
+- Requests are parsed by :class:`StrictRequestParser`, which refuses with a
+  400, and closes the connection, bodies whose framing RFC 9112 puts in
+  doubt: Content-Length with Transfer-Encoding, Transfer-Encoding in
+  HTTP/1.0 or applied twice, folded header lines. Waitress accepts each of
+  these: it hides Transfer-Encoding from the app and keeps the connection
+  open, so what followed on it would be forwarded as a request of its own.
+- A request refused before its body is read (too large) gets no ``100
+  Continue`` and its body is not read: waitress sends the 100 and spools
+  the whole body before answering 413.
+- poll() and a connection limit in the thousands, so that idle keep-alive
+  clients and slowloris ones cannot lock the others out (waitress's
+  defaults are select() and 100 connections).
+- On SIGTERM or Ctrl-C, :func:`run` stops accepting, closes idle
+  connections, and lets requests in flight finish, answers being sent
+  included, for ``graceful_timeout`` seconds; waitress alone stops its main
+  loop at once and cuts off whatever is still in its buffers.
+
+These rely on waitress internals (``HTTPChannel.parser_class``, the
+server's ``channel_class``, the parser's attributes); ``tests/test_server.py``
+pins them for the waitress versions pyproject.toml allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import time
+from typing import Any
+
+import waitress
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError, get_header_lines
+from waitress.rfc7230 import HEADER_FIELD_RE
+from waitress.server import BaseWSGIServer
+
+from pyramid_lb.settings import SettingsError, seconds
+
+log = logging.getLogger(__name__)
+
+#: Server settings for the front line, under any the ini file gives.
+FRONT_DEFAULTS = {
+    "asyncore_use_poll": True,
+    # Each connection costs a file descriptor and a little memory, no thread.
+    "connection_limit": 10000,
+    # Idle keep-alive connections are closed after this (waitress: 120 s).
+    "channel_timeout": 60,
+    "cleanup_interval": 10,
+}
+#: ``graceful_timeout`` when the section does not say.
+GRACEFUL_TIMEOUT = 30.0
+#: Our keys in a server section (waitress rejects keys it does not know).
+OWN_KEYS = ("graceful_timeout",)
+
+
+class StrictRequestParser(HTTPRequestParser):
+    """Waitress's request parser, refusing bodies whose framing is in doubt.
+
+    Every refusal is a 400, and waitress's error answer closes the
+    connection (RFC 9112 section 6.1). The Host rules are the proxy's
+    (:mod:`pyramid_lb.dispatcher.proxy`): they hold under any server.
+    """
+
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        if self.error is not None:
+            # Answered at once: no "100 Continue" for a refused request, and
+            # what follows on the connection is not read as a request (the
+            # error answer closes it).
+            self.expect_continue = False
+            return len(data)
+        return consumed
+
+    def parse_header(self, header_plus: bytes) -> None:
+        version = _version(header_plus.partition(b"\r\n")[0])
+        problem = framing_problem(header_plus, _fields(header_plus), version)
+        if problem:
+            if version == "1.1":
+                self.version = version  # for the error answer's status line
+            raise ParsingError(problem)
+        super().parse_header(header_plus)
+
+
+class StrictChannel(HTTPChannel):
+    parser_class = StrictRequestParser
+
+
+def _fields(header_plus: bytes) -> list[tuple[bytes, bytes]]:
+    """``(lowered name, value)`` of each header line, as waitress reads them."""
+    fields = []
+    for line in get_header_lines(header_plus.partition(b"\r\n")[2]):
+        match = HEADER_FIELD_RE.match(line)
+        if match:  # waitress itself refuses the others
+            fields.append((match["name"].lower(), match["value"].strip(b" \t")))
+    return fields
+
+
+def _version(request_line: bytes) -> str:
+    _, found, version = request_line.rpartition(b" HTTP/")
+    return version.decode("latin-1") if found else "0.9"
+
+
+def framing_problem(
+    header_plus: bytes, fields: list[tuple[bytes, bytes]], version: str
+) -> str | None:
+    """Why the body's framing cannot be trusted, or None (RFC 9112 section 6)."""
+    if b"\r\n " in header_plus or b"\r\n\t" in header_plus:
+        return "obsolete line folding in a header (RFC 9112 section 5.2)"
+    codings = [
+        coding.strip(b" \t").lower()
+        for name, value in fields
+        if name == b"transfer-encoding"
+        for coding in value.split(b",")
+        if coding.strip(b" \t")
+    ]
+    if not codings and not any(name == b"transfer-encoding" for name, _ in fields):
+        return None
+    if version != "1.1":
+        return f"Transfer-Encoding in an HTTP/{version} request"
+    if any(name == b"content-length" for name, _ in fields):
+        return "both Content-Length and Transfer-Encoding (RFC 9112 section 6.1)"
+    if codings.count(b"chunked") != 1 or codings[-1] != b"chunked":
+        return "Transfer-Encoding must end with chunked, applied once"
+    return None
+
+
+def _listeners(server) -> list[BaseWSGIServer]:
+    return [obj for obj in _map(server).values() if isinstance(obj, BaseWSGIServer)]
+
+
+def _map(server) -> dict:
+    # one listening socket: the server itself; several: a MultiSocketServer
+    return server.map if hasattr(server, "effective_listen") else server._map
+
+
+def create_server(app, options: dict[str, Any]):
+    """A waitress server for ``app`` with the strict parser.
+
+    ``options`` are a server section's keys (strings or values), minus
+    :data:`OWN_KEYS`; :data:`FRONT_DEFAULTS` fill in what they leave unset,
+    and so does ``app.server_defaults`` when the app has one (the
+    dispatcher's body limit and forwarded headers). Raises what
+    ``waitress.create_server`` raises (OSError, ValueError).
+    """
+    defaults = getattr(app, "server_defaults", None)
+    if defaults is not None and options.get("trusted_proxy"):
+        raise ValueError(
+            f"trusted_proxy = {options['trusted_proxy']!r}: the dispatcher checks "
+            "forwarded headers itself; set trusted_proxies in [app:dispatcher]"
+        )
+    merged = {**FRONT_DEFAULTS, **(defaults or {}), **options}
+    _allow_descriptors(int(merged["connection_limit"]))
+    server = waitress.create_server(app, **merged)
+    for listener in _listeners(server):
+        listener.channel_class = StrictChannel
+    return server
+
+
+def _allow_descriptors(connections: int) -> None:
+    """Raise the soft limit on open files so ``connections`` can be held."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256  # the instances, the pool, logs...
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if limit > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        if limit < wanted:
+            log.warning(
+                "open files are limited to %d (ulimit -n): fewer than the %d "
+                "connections the server may accept",
+                limit,
+                connections,
+            )
+
+
+def run(server, graceful_timeout: float = GRACEFUL_TIMEOUT) -> None:
+    """Serve until SystemExit or KeyboardInterrupt (SIGTERM, Ctrl-C), then stop
+    gracefully: see :func:`finish`. A second signal stops at once."""
+    adj = server.adj
+    try:
+        wasyncore.loop(
+            timeout=adj.asyncore_loop_timeout,
+            map=_map(server),
+            use_poll=adj.asyncore_use_poll,
+        )
+    except (SystemExit, KeyboardInterrupt):
+        finish(server, graceful_timeout)
+
+
+def finish(server, timeout: float) -> bool:
+    """Stop accepting, close idle connections, and go on serving the others
+    until their requests are answered and sent, for at most ``timeout``
+    seconds; then stop the worker threads. Returns whether nothing was cut."""
+    adj, socket_map = server.adj, _map(server)
+    for listener in _listeners(server):
+        # The listening socket only: its trigger wakes the loop for workers.
+        wasyncore.dispatcher.close(listener)
+    deadline = time.monotonic() + timeout
+    busy = _close_idle(socket_map)
+    if busy:
+        log.info(
+            "stopping: finishing %d connections with requests in flight (at most %gs)",
+            len(busy),
+            timeout,
+        )
+    while busy and time.monotonic() < deadline:
+        wasyncore.loop(
+            timeout=0.05, map=socket_map, use_poll=adj.asyncore_use_poll, count=1
+        )
+        busy = _close_idle(socket_map)
+    if busy:
+        log.warning(
+            "stopping: %d connections still busy after %gs; cut off",
+            len(busy),
+            timeout,
+        )
+    server.task_dispatcher.shutdown(timeout=max(0.5, deadline - time.monotonic()))
+    wasyncore.close_all(socket_map)
+    return not busy
+
+
+def _close_idle(socket_map: dict) -> list[HTTPChannel]:
+    """Close channels with nothing to do; the busy ones."""
+    busy = []
+    for channel in list(socket_map.values()):
+        if not isinstance(channel, HTTPChannel) or not channel.connected:
+            continue
+        request = channel.request
+        if (
+            channel.requests
+            or channel.total_outbufs_len
+            or (request is not None and request.headers_finished)
+        ):
+            busy.append(channel)
+        else:
+            channel.handle_close()
+    return busy
+
+
+def graceful_timeout(options: dict[str, Any]) -> float:
+    """``graceful_timeout`` of a server section (seconds), checked."""
+    value = options.get("graceful_timeout", GRACEFUL_TIMEOUT)
+    try:
+        return seconds()(value)
+    except ValueError as exc:
+        raise SettingsError(
+            f"graceful_timeout = {value!r} is not valid: {exc}"
+        ) from None
+
+
+def handles_sigterm(handler):
+    """Mark a SIGTERM handler of pyramid_lb's (the add-on's drain, the
+    dispatcher's): :func:`stop_on_sigterm` leaves it in place."""
+    handler.pyramid_lb = True
+    return handler
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM stops gracefully as Ctrl-C does, unless pyramid_lb's own
+    handler is in place (any other, a tool's such as coverage's, would end
+    the process at once, cutting off what is in flight)."""
+    if not getattr(signal.getsignal(signal.SIGTERM), "pyramid_lb", False):
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum, frame):
+    raise SystemExit(0)
+
+
+def serve_paste(app, global_conf, **options) -> int:
+    """The paste server runner ``egg:pyramid_lb#waitress``."""
+    timeout = graceful_timeout(options)
+    own = {key: value for key, value in options.items() if key not in OWN_KEYS}
+    server = create_server(app, own)
+    stop_on_sigterm()
+    server.print_listen("Serving on http://{}:{}")
+    run(server, timeout)
+    return 0

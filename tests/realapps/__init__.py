@@ -1,0 +1,1 @@
+"""Real third-party-shaped Pyramid apps, compared directly and behind each front."""
