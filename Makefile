@@ -35,4 +35,4 @@ clean:
 	rm -rf $(VENV) .coverage .coverage.* .pytest_cache *.egg-info
 
 docs: $(BIN)/.installed
-	$(BIN)/python -c "from pyramid_lb.settings import write_readme; write_readme('README.md')"
+	$(BIN)/python -m pyramid_lb.reference README.md

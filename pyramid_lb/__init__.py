@@ -2,13 +2,53 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from typing import Any
+
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 
-from pyramid_lb.health import IHealth, get_health
-from pyramid_lb.settings import SettingsError, parse_addon
+from pyramid_lb.addresses import AddressSet
+from pyramid_lb.affinity import AFFINITY_SETTINGS
+from pyramid_lb.forwarded import FORWARDED_SETTINGS, check_forwarded
+from pyramid_lb.health import HEALTH_SETTINGS, IHealth, get_health
+from pyramid_lb.process import TRUSTED_PROXIES_ENV
+from pyramid_lb.settings import ADDON_PREFIX, SettingsError, parse
 
 __all__ = ["get_health", "includeme"]
+
+#: Every ``pyramid_lb.*`` key of the add-on.
+ADDON_SETTINGS = HEALTH_SETTINGS + FORWARDED_SETTINGS + AFFINITY_SETTINGS
+
+
+def parse_addon(
+    raw: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """Parse the add-on's ``pyramid_lb.*`` keys out of app settings, once.
+
+    A spawned instance also trusts the dispatcher that spawned it (its
+    address is in ``$PYRAMID_LB_TRUSTED_PROXIES``).
+    """
+    values = parse(ADDON_SETTINGS, raw, ADDON_PREFIX)
+    extra = environ.get(TRUSTED_PROXIES_ENV)
+    if extra:
+        key = ADDON_PREFIX + "trusted_proxies"
+        try:
+            added = AddressSet.parse(extra)
+        except ValueError as exc:
+            raise SettingsError(
+                f"{TRUSTED_PROXIES_ENV} = {extra!r} is not valid: {exc}"
+            ) from None
+        values[key] = AddressSet.parse(f"{values[key]} {added}")
+    check_forwarded(values, ADDON_PREFIX)
+    mode = values[ADDON_PREFIX + "affinity"]
+    if mode != "off" and not values[ADDON_PREFIX + "affinity_secret"]:
+        raise SettingsError(
+            f"{ADDON_PREFIX}affinity = {mode!r} needs {ADDON_PREFIX}affinity_secret "
+            "(the secret the dispatcher shares, to sign the cookie)"
+        )
+    return values
 
 
 def includeme(config: Configurator) -> None:
@@ -39,6 +79,6 @@ def includeme(config: Configurator) -> None:
 
     from pyramid_lb import affinity, forwarded, health
 
-    forwarded.includeme(config)
+    forwarded.register(config)
     health.includeme(config)
     affinity.includeme(config)

@@ -12,6 +12,31 @@ from pyramid.tweens import EXCVIEW
 
 from pyramid_lb import affinity_cookie
 from pyramid_lb.health import get_health
+from pyramid_lb.settings import Setting, cookie_name, one_of, optional, text
+
+AFFINITY_SETTINGS = (
+    Setting(
+        "affinity",
+        one_of("session", "always", "off"),
+        "off",
+        "When the add-on pins a client to this instance with the affinity "
+        "cookie: `session` (once the app's session holds data), `always`, or "
+        "`off` (only `request.lb_pin()` does).",
+    ),
+    Setting(
+        "affinity_cookie",
+        cookie_name,
+        "lb_affinity",
+        "Name of the affinity cookie; the same as the dispatcher's.",
+    ),
+    Setting(
+        "affinity_secret",
+        optional(text),
+        None,
+        "Secret that signs the affinity cookie, the same as the dispatcher's "
+        "`affinity_secret`. Needed for any pinning.",
+    ),
+)
 
 MODE = "pyramid_lb.affinity"
 COOKIE = "pyramid_lb.affinity_cookie"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import configparser
 import importlib.metadata
 import json
 import os
@@ -12,19 +11,18 @@ import textwrap
 import urllib.error
 import urllib.request
 
+from pyramid_lb.process import StartupError, listen_host, load
+
 
 def serve(args) -> int:
-    from pyramid_lb.dispatcher.serve import ServeError, serve
+    from pyramid_lb.dispatcher.serve import serve
 
-    try:
-        serve(
-            args.ini,
-            instances=args.instances,
-            port=args.port,
-            dispatch=not args.no_dispatcher,
-        )
-    except ServeError as exc:
-        return fail(str(exc))
+    serve(
+        args.ini,
+        instances=args.instances,
+        port=args.port,
+        dispatch=not args.no_dispatcher,
+    )
     return 0
 
 
@@ -52,24 +50,15 @@ def admin_url(target: str) -> str:
         return target.rstrip("/")
     if not os.path.isfile(target):
         raise ValueError(f"{target}: neither a URL nor an ini file")
-    from paste.deploy.loadwsgi import SERVER, loadcontext
-
-    from pyramid_lb.dispatcher.instance import listen_host
-
-    try:
-        conf = loadcontext(
-            SERVER, "config:" + os.path.abspath(target), name="dispatcher"
-        ).local_conf
-    except LookupError:
-        raise ValueError(
-            f"{target} has no [server:dispatcher] section to find the dispatcher "
-            "by; give its URL instead (e.g. http://127.0.0.1:8080)"
-        ) from None
-    except (configparser.Error, ImportError) as exc:
-        raise ValueError(f"{target}: {exc}") from None
+    conf = load(
+        target,
+        "server:dispatcher",
+        hint=" to find the dispatcher by; give its URL instead (e.g. "
+        "http://127.0.0.1:8080)",
+    ).local_conf
     listen = str(conf.get("listen") or "").split()
     port = listen[0].rpartition(":")[2] if listen else conf.get("port", "8080")
-    host = listen_host(conf) if listen or conf.get("host") else "127.0.0.1"
+    host = listen_host(conf)
     if host in ("*", "0.0.0.0", "[::]", "localhost", ""):
         host = "127.0.0.1"
     return f"http://{host}:{port}"
@@ -150,12 +139,9 @@ def scale(args) -> int:
 
 
 def export(args) -> int:
-    from pyramid_lb.export import ExportError, export
+    from pyramid_lb.export import export
 
-    try:
-        text = export(args.engine, args.ini, listen=args.listen)
-    except ExportError as exc:
-        return fail(str(exc))
+    text = export(args.engine, args.ini, listen=args.listen)
     if args.output is None:
         sys.stdout.write(text)
         return 0
@@ -174,7 +160,9 @@ def fail(message: str) -> int:
 
 def settings_epilog() -> str:
     """The known settings' names, for ``serve --help`` (their docs: README)."""
-    from pyramid_lb.settings import ADDON_PREFIX, ADDON_SETTINGS, DISPATCHER_SETTINGS
+    from pyramid_lb import ADDON_SETTINGS
+    from pyramid_lb.dispatcher.config import DISPATCHER_SETTINGS
+    from pyramid_lb.settings import ADDON_PREFIX
 
     def block(title: str, names) -> str:
         return (
@@ -299,4 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except StartupError as exc:
+        return fail(str(exc))

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
-from typing import Any, NamedTuple
-
-from paste.deploy.loadwsgi import APP, SERVER, loadcontext
+from typing import NamedTuple
 
 from pyramid_lb.affinity_cookie import sign
 from pyramid_lb.dispatcher import make_dispatcher
 from pyramid_lb.dispatcher.admin import PREFIX
 from pyramid_lb.dispatcher.cluster import parse_backend_url
+from pyramid_lb.dispatcher.config import DispatcherConfig
 from pyramid_lb.dispatcher.proxy import FORWARDING_HEADERS
+from pyramid_lb.process import StartupError
+from pyramid_lb.process import load as load_section
 from pyramid_lb.settings import SettingsError
 
 ENGINES = ("nginx", "haproxy")
-
-
-class ExportError(Exception):
-    """The export stopped for a reason told in one line."""
 
 
 class Server(NamedTuple):
@@ -37,44 +33,37 @@ class Site(NamedTuple):
     """What an export needs from an ini file."""
 
     ini: str
-    settings: dict[str, Any]
+    settings: DispatcherConfig
     servers: list[Server]
     binds: list[tuple[str, str]]  # (host, port) pairs to listen on
 
 
 def load(ini: str, listen: str | None = None) -> Site:
     """Read ``[app:dispatcher]`` and ``[server:dispatcher]`` of ``ini``."""
-    if not os.path.isfile(ini):
-        raise ExportError(f"{ini}: no such file")
+    context = load_section(ini, "app:dispatcher")
     path = os.path.abspath(ini)
-    try:
-        context = loadcontext(APP, "config:" + path, name="dispatcher")
-    except LookupError:
-        raise ExportError(f"{ini} has no [app:dispatcher] section") from None
-    except (ImportError, configparser.Error) as exc:
-        raise ExportError(f"{ini}: {exc}") from None
     try:
         # Built, not started: nothing spawns, nothing connects.
         dispatcher = make_dispatcher(context.global_conf, **context.local_conf)
     except SettingsError as exc:
-        raise ExportError(str(exc)) from None
-    return Site(path, dispatcher.settings, _servers(dispatcher), _binds(path, listen))
+        raise StartupError(str(exc)) from None
+    return Site(path, dispatcher.config, _servers(dispatcher), _binds(path, listen))
 
 
 def _servers(dispatcher) -> list[Server]:
     """The instances the supervisor starts, then the ``backends``."""
-    settings = dispatcher.settings
+    settings = dispatcher.config
     members = []
     if dispatcher.supervisor is not None:
         for name, _, port in dispatcher.supervisor.planned():
             if port > 65535:
-                raise ExportError("[app:dispatcher] base_port leaves too few ports")
+                raise StartupError("[app:dispatcher] base_port leaves too few ports")
             members.append((name, "127.0.0.1", port, 1))
-    for spec in settings["backends"]:
+    for spec in settings.backends:
         host, port = parse_backend_url(spec.url)
         members.append((f"{host}:{port}", host, port, spec.weight))
-    weighted = settings["strategy"] in ("weighted_round_robin", "hash")
-    secret = settings["affinity_secret"] if settings["sticky"] != "off" else None
+    weighted = settings.strategy in ("weighted_round_robin", "hash")
+    secret = settings.affinity_secret if settings.sticky != "off" else None
     return [
         Server(
             name, host, port, weight if weighted else 1, secret and sign(name, secret)
@@ -88,12 +77,8 @@ def _binds(path: str, listen: str | None) -> list[tuple[str, str]]:
     if listen is not None:
         entries = [listen]
     else:
-        try:
-            conf = loadcontext(SERVER, "config:" + path, name="dispatcher").local_conf
-        except LookupError:
-            raise ExportError(
-                f"{path} has no [server:dispatcher] section: give --listen HOST:PORT"
-            ) from None
+        hint = ": give --listen HOST:PORT"
+        conf = load_section(path, "server:dispatcher", hint=hint).local_conf
         entries = str(conf.get("listen") or "").split() or [
             f"{conf.get('host') or '0.0.0.0'}:{conf.get('port') or 8080}"
         ]
@@ -101,7 +86,7 @@ def _binds(path: str, listen: str | None) -> list[tuple[str, str]]:
     for entry in entries:
         host, _, port = entry.rpartition(":")
         if not (port.isdigit() and 0 < int(port) < 65536):
-            raise ExportError(
+            raise StartupError(
                 f"cannot listen on {entry!r}: a front end needs a fixed port "
                 "(give --listen HOST:PORT)"
             )
@@ -196,12 +181,12 @@ _REAL_IP_HEADERS = {
 
 
 def _nginx_var(kind: str, name: str) -> str:
-    """The nginx variable of a cookie or a header; ExportError if there is none."""
+    """The nginx variable of a cookie or a header; StartupError if there is none."""
     if kind == "cookie" and re.fullmatch(r"\w+", name, re.ASCII):
         return f"$cookie_{name}"
     if kind == "header" and re.fullmatch(r"[\w-]+", name, re.ASCII):
         return "$http_" + name.lower().replace("-", "_")
-    raise ExportError(
+    raise StartupError(
         f"nginx has no variable for the {kind} {name!r} (letters, digits and _ only)"
     )
 
@@ -212,8 +197,7 @@ def _nginx_upstream(
     """An upstream block; with ``pinned``, that server first, the others backup."""
     settings = site.settings
     fails = (
-        f"max_fails={settings['eject_after']} "
-        f"fail_timeout={_time(settings['eject_time'])}"
+        f"max_fails={settings.eject_after} fail_timeout={_time(settings.eject_time)}"
     )
     lines = [f"    upstream {name} {{", *method, f"        zone {name} 64k;"]
     for index, server in enumerate(site.servers):
@@ -223,22 +207,22 @@ def _nginx_upstream(
         lines.append(
             f"        server {server.host}:{server.port} {options};  # {server.name}"
         )
-    if settings["pool_size"]:
-        lines.append(f"        keepalive {settings['pool_size']};")
+    if settings.pool_size:
+        lines.append(f"        keepalive {settings.pool_size};")
     return lines + ["    }", ""]
 
 
 def _nginx_method(site: Site) -> tuple[list[str], list[str]]:
     """The balancing lines of the main upstream, and the maps they need."""
     settings = site.settings
-    strategy = settings["strategy"]
+    strategy = settings.strategy
     if strategy == "least_connections":
         return ["        least_conn;"], []
     if strategy == "p2c":
         return ["        random two least_conn;"], []
     if strategy != "hash":  # round robin, by weight for weighted_round_robin
         return [], []
-    kind, _, name = settings["hash_key"].partition(":")
+    kind, _, name = settings.hash_key.partition(":")
     key = {"client": "$remote_addr", "path": "$uri"}.get(kind)
     maps = []
     if key is None:
@@ -249,7 +233,7 @@ def _nginx_method(site: Site) -> tuple[list[str], list[str]]:
         maps = [f"    map {var} {key} {{", '        "" $request_id;']
         maps += [f"        default {var};", "    }", ""]
     comment = []
-    if settings["hash_balance"] is not None:
+    if settings.hash_balance is not None:
         comment = [
             "        # nginx has no bounded loads (hash_balance): a hot key stays on",
             "        # its instance however loaded.",
@@ -260,7 +244,7 @@ def _nginx_method(site: Site) -> tuple[list[str], list[str]]:
 def _nginx_sticky(site: Site) -> list[str]:
     """Maps that route a client by its affinity cookie (and set it, for insert)."""
     settings = site.settings
-    cookie = _nginx_var("cookie", settings["affinity_cookie"])
+    cookie = _nginx_var("cookie", settings.affinity_cookie)
     values = [server.cookie for server in site.servers]
     lines = [
         "    # Affinity: a client whose cookie names an instance goes to that one",
@@ -272,7 +256,7 @@ def _nginx_sticky(site: Site) -> list[str]:
         "    }",
         "",
     ]
-    if settings["sticky"] == "insert":
+    if settings.sticky == "insert":
         lines += [
             "    # sticky = insert: the cookie of the instance that answered, unless",
             "    # the client has it already. (Unlike the dispatcher, nginx does not",
@@ -285,7 +269,7 @@ def _nginx_sticky(site: Site) -> list[str]:
             ),
             "    }",
             f'    map "{cookie}|$pyramid_lb_pin" $pyramid_lb_set_cookie {{',
-            f'        default "{settings["affinity_cookie"]}=$pyramid_lb_pin; '
+            f'        default "{settings.affinity_cookie}=$pyramid_lb_pin; '
             'Path=/; HttpOnly; SameSite=Lax";',
             '        "~\\|$" "";',
             '        "~^([^|]+)\\|\\1$" "";',
@@ -298,9 +282,9 @@ def _nginx_sticky(site: Site) -> list[str]:
 def _trust(site: Site) -> tuple[list[str], int | str, frozenset[str]]:
     """The trusted fronts' networks (``*`` for anyone), their count, headers."""
     settings = site.settings
-    proxies = settings["trusted_proxies"]
+    proxies = settings.trusted_proxies
     networks = ["*"] if proxies.anyone else [str(n) for n in proxies.networks]
-    return networks, settings["trusted_proxy_count"], settings["trusted_headers"]
+    return networks, settings.trusted_proxy_count, settings.trusted_headers
 
 
 # The nearest (last) value of a list header, read by the maps below.
@@ -321,7 +305,7 @@ def _nginx_forwarded(site: Site) -> tuple[list[str], list[str]]:
     prefix = '""'
     if networks:
         if count not in (1, "auto"):
-            raise ExportError(
+            raise StartupError(
                 f"trusted_proxy_count = {count}: nginx's realip trusts one hop, "
                 "or every trusted one (auto); use 1 or auto"
             )
@@ -414,7 +398,7 @@ def nginx(site: Site) -> str:
     lines += [""] + forwarded + maps
     target = "pyramid_lb"
     pinned: list[str] = []
-    if settings["sticky"] != "off":
+    if settings.sticky != "off":
         lines += _nginx_sticky(site)
         target = "$pyramid_lb_upstream"
         for index in range(len(site.servers)):
@@ -423,7 +407,7 @@ def nginx(site: Site) -> str:
     lines += ["    server {"]
     lines += [f"        listen {host}:{port};" for host, port in site.binds]
     lines += [
-        f"        client_max_body_size {_size(settings['max_body_size'])};",
+        f"        client_max_body_size {_size(settings.max_body_size)};",
         "",
         "        # The dispatcher's own pages: not exposed here.",
         f"        location ^~ {PREFIX}/ {{ return 404; }}",
@@ -433,12 +417,12 @@ def nginx(site: Site) -> str:
         f"            proxy_pass http://{target};",
         *headers,
         *_NGINX_PROXY.splitlines(),
-        f"            proxy_next_upstream_tries {settings['retries'] + 1};",
-        f"            proxy_connect_timeout {_time(settings['connect_timeout'])};",
-        f"            proxy_read_timeout {_time(settings['read_timeout'])};",
-        f"            proxy_send_timeout {_time(settings['read_timeout'])};",
+        f"            proxy_next_upstream_tries {settings.retries + 1};",
+        f"            proxy_connect_timeout {_time(settings.connect_timeout)};",
+        f"            proxy_read_timeout {_time(settings.read_timeout)};",
+        f"            proxy_send_timeout {_time(settings.read_timeout)};",
     ]
-    if settings["sticky"] == "insert":
+    if settings.sticky == "insert":
         lines.append("            add_header Set-Cookie $pyramid_lb_set_cookie always;")
     return "\n".join(lines + ["        }", "    }", "}", ""])
 
@@ -458,9 +442,9 @@ _HAPROXY_BALANCE = {
 
 
 def _haproxy_word(key: str, name: str) -> str:
-    """``name``, if HAProxy reads it as written; ExportError otherwise."""
+    """``name``, if HAProxy reads it as written; StartupError otherwise."""
     if name and not re.fullmatch(r"[\w.-]+", name, re.ASCII):
-        raise ExportError(f"{key}: HAProxy cannot take the name {name!r} as written")
+        raise StartupError(f"{key}: HAProxy cannot take the name {name!r} as written")
     return name
 
 
@@ -477,7 +461,7 @@ def _haproxy_forwarded(site: Site) -> list[str]:
     trusted = set()
     if networks:
         if count == "auto":
-            raise ExportError(
+            raise StartupError(
                 "trusted_proxy_count = auto: HAProxy has no equal; give the "
                 "number of trusted proxies"
             )
@@ -562,8 +546,8 @@ def haproxy(site: Site) -> str:
         "    log global",
         "    option httplog",
         "    option http-keep-alive",
-        f"    timeout connect {_time(settings['connect_timeout'])}",
-        f"    timeout server {_time(settings['read_timeout'])}",
+        f"    timeout connect {_time(settings.connect_timeout)}",
+        f"    timeout server {_time(settings.read_timeout)}",
         "    # as long as waitress keeps an idle client (channel_timeout)",
         "    timeout client 120s",
         "",
@@ -574,30 +558,30 @@ def haproxy(site: Site) -> str:
         f"|| {{ path,url_dec -m beg {PREFIX}/ }}",
         "    # Bodies announced above max_body_size (a chunked body is not measured).",
         "    http-request deny deny_status 413 if "
-        f"{{ req.hdr_val(content-length) gt {settings['max_body_size']} }}",
+        f"{{ req.hdr_val(content-length) gt {settings.max_body_size} }}",
         *_haproxy_forwarded(site),
         "    default_backend pyramid_lb",
         "",
         "backend pyramid_lb",
     ]
-    if settings["strategy"] == "hash":
-        kind, _, name = settings["hash_key"].partition(":")
+    if settings.strategy == "hash":
+        kind, _, name = settings.hash_key.partition(":")
         _haproxy_word("hash_key", name)
         lines += [
             f"    balance {_HAPROXY_BALANCE[kind].format(name)}",
             "    hash-type consistent",
         ]
-        if settings["hash_balance"] is not None:
-            factor = max(101, round(settings["hash_balance"] * 100))
+        if settings.hash_balance is not None:
+            factor = max(101, round(settings.hash_balance * 100))
             lines += [
                 "    # bounded loads: an instance takes at most hash_balance times",
                 "    # the average, in percent (above 100)",
                 f"    hash-balance-factor {factor}",
             ]
     else:
-        lines.append(f"    balance {_HAPROXY_BALANCE[settings['strategy']]}")
-    cookie = _haproxy_word("affinity_cookie", settings["affinity_cookie"])
-    if settings["sticky"] == "cookie":
+        lines.append(f"    balance {_HAPROXY_BALANCE[settings.strategy]}")
+    cookie = _haproxy_word("affinity_cookie", settings.affinity_cookie)
+    if settings.sticky == "cookie":
         lines += [
             "    # Passive cookie persistence: the app sets the affinity cookie and",
             "    # HAProxy only reads it; each server's value is the one its",
@@ -605,31 +589,31 @@ def haproxy(site: Site) -> str:
             "    # dispatcher, a draining instance (down here) loses its clients.",
             f"    cookie {cookie}",
         ]
-    elif settings["sticky"] == "insert":
+    elif settings.sticky == "insert":
         lines += [
             "    # HAProxy sets the affinity cookie, with the dispatcher's values.",
             f"    cookie {cookie} insert indirect nocache httponly attr SameSite=Lax",
         ]
     checks = (
-        f"check inter {_time(settings['health_check_interval'])} "
-        f"rise {settings['rise']} fall {settings['fall']}"
+        f"check inter {_time(settings.health_check_interval)} "
+        f"rise {settings.rise} fall {settings.fall}"
     )
-    if settings["eject_after"]:
+    if settings.eject_after:
         # The dispatcher's ejection: that many connection failures in a row
         # take an instance out, until its health checks pass again. Layer 4
         # only: at layer 7 an app's own 503s would count.
-        checks += f" observe layer4 error-limit {settings['eject_after']}"
+        checks += f" observe layer4 error-limit {settings.eject_after}"
         checks += " on-error mark-down"
     lines += [
         "    # A failed connection is retried on another instance, even past a",
         "    # client's affinity cookie (its instance is down or gone).",
         "    option redispatch 1",
-        f"    retries {settings['retries']}",
-        f"    option httpchk GET {settings['health_check_path']}",
+        f"    retries {settings.retries}",
+        f"    option httpchk GET {settings.health_check_path}",
         "    http-check expect status 200",
-        f"    timeout check {_time(settings['health_check_timeout'])}",
+        f"    timeout check {_time(settings.health_check_timeout)}",
         "    http-reuse safe",
-        f"    default-server {checks} pool-max-conn {settings['pool_size']}",
+        f"    default-server {checks} pool-max-conn {settings.pool_size}",
     ]
     # HAProxy weights go up to 256: larger ones are scaled down together.
     scale = min(1.0, 256 / max(server.weight for server in site.servers))
@@ -646,6 +630,6 @@ def haproxy(site: Site) -> str:
 def export(engine: str, ini: str, listen: str | None = None) -> str:
     """The ``engine`` (nginx or haproxy) configuration for ``ini``."""
     if engine not in ENGINES:
-        raise ExportError(f"{engine!r} is not an engine; expected nginx or haproxy")
+        raise StartupError(f"{engine!r} is not an engine; expected nginx or haproxy")
     site = load(ini, listen)
     return nginx(site) if engine == "nginx" else haproxy(site)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from pyramid.config import Configurator
@@ -52,14 +52,114 @@ from pyramid.tweens import INGRESS
 from pyramid_lb.addresses import AddressSet, is_ip, parse_host, parse_ip, parse_port
 from pyramid_lb.settings import (
     ADDON_PREFIX,
-    FORWARDED_SETTINGS,
+    Setting,
     SettingsError,
-    check_forwarded,
-    header_names,
+    addresses,
+    boolean,
+    integer,
     parse,
+    words,
 )
 
 log = logging.getLogger(__name__)
+
+# -- settings -----------------------------------------------------------------
+
+FORWARDED_HEADERS = (
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+    "cf-connecting-ip",
+)
+#: Headers that name the client; a request can have only one source of truth.
+CLIENT_HEADERS = ("x-forwarded-for", "x-real-ip", "cf-connecting-ip")
+
+
+def proxy_count(value: Any) -> int | str:
+    """A number of trusted hops, or ``auto`` (walk back over trusted proxies)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return integer(1)(value)
+    except ValueError:
+        raise ValueError("expected an integer >= 1 or 'auto'") from None
+
+
+def header_names(value: Any) -> frozenset[str]:
+    """Names out of :data:`FORWARDED_HEADERS` (case-insensitive)."""
+    names = frozenset(name.lower() for name in words(value))
+    unknown = sorted(names - set(FORWARDED_HEADERS))
+    if unknown:
+        raise ValueError(
+            f"{unknown[0]!r} is not a proxy header; expected any of "
+            + ", ".join(FORWARDED_HEADERS)
+        )
+    return names
+
+
+#: Settings shared by the add-on (``pyramid_lb.`` prefix) and the
+#: ``egg:pyramid_lb#forwarded`` filter (no prefix).
+FORWARDED_SETTINGS = (
+    Setting(
+        "trusted_proxies",
+        addresses,
+        "",
+        "Peers whose forwarded headers are applied: IP addresses, CIDR networks, "
+        "`unix` (peers on a unix socket) or `*` (anyone). Empty: nobody.",
+    ),
+    Setting(
+        "trusted_proxy_count",
+        proxy_count,
+        "1",
+        "How many proxies in front of the app are trusted, or `auto` to walk back "
+        "over every address inside `trusted_proxies`.",
+    ),
+    Setting(
+        "trusted_headers",
+        header_names,
+        "x-forwarded-for x-forwarded-proto x-forwarded-host x-forwarded-port",
+        "Headers applied from trusted proxies: any of "
+        + ", ".join(f"`{name}`" for name in FORWARDED_HEADERS)
+        + " (`forwarded` cannot be mixed with the others, and only one of "
+        + ", ".join(f"`{name}`" for name in CLIENT_HEADERS)
+        + " names the client).",
+    ),
+    Setting(
+        "clear_untrusted",
+        boolean,
+        "true",
+        "Remove proxy headers that were not applied, and cut applied ones down to "
+        "the trusted values.",
+    ),
+)
+
+
+def check_forwarded(values: Mapping[str, Any], prefix: str = "") -> None:
+    """Reject combinations of forwarded settings that cannot work."""
+    headers = values[prefix + "trusted_headers"]
+    if "forwarded" in headers and len(headers) > 1:
+        raise SettingsError(
+            f"{prefix}trusted_headers: 'forwarded' cannot be trusted together with "
+            "X-Forwarded-* headers (RFC 7239 section 7.4: their relative order is "
+            "unknowable); choose one kind"
+        )
+    clients = sorted(headers.intersection(CLIENT_HEADERS))
+    if len(clients) > 1:
+        raise SettingsError(
+            f"{prefix}trusted_headers: {clients[0]!r} and {clients[1]!r} both name "
+            "the client; trust one of them"
+        )
+    proxies = values[prefix + "trusted_proxies"]
+    if values[prefix + "trusted_proxy_count"] == "auto" and proxies.anyone:
+        raise SettingsError(
+            f"{prefix}trusted_proxy_count = 'auto' has no meaning with "
+            f"{prefix}trusted_proxies = '*': every address would be skipped"
+        )
+
 
 #: The environ key holding the values this module changed or removed.
 ORIGINAL_KEY = "pyramid_lb.forwarded.original"
@@ -236,40 +336,39 @@ def _checked(key: str, value: str, check: Callable[[str], Any], what: str) -> An
 class ProxyHeaders:
     """Rewrites WSGI environs from the headers of trusted proxies.
 
-    Takes the settings of the same names, typed or as ini strings. Call
-    :meth:`rewrite` on each request.
+    Takes the settings of the same names as typed values (see
+    :meth:`from_options` for ini strings). Call :meth:`rewrite` on each
+    request.
     """
 
     def __init__(
         self,
-        trusted_proxies: AddressSet | str | Iterable[str] = "",
+        trusted_proxies: AddressSet,
         trusted_proxy_count: int | str = 1,
-        trusted_headers: Iterable[str] | str = DEFAULT_HEADERS,
-        clear_untrusted: bool | str = True,
+        trusted_headers: frozenset[str] = DEFAULT_HEADERS,
+        clear_untrusted: bool = True,
     ):
-        given = {
-            "trusted_proxies": trusted_proxies,
-            "trusted_proxy_count": trusted_proxy_count,
-            "trusted_headers": trusted_headers,
-            "clear_untrusted": clear_untrusted,
-        }
-        values = parse(
-            FORWARDED_SETTINGS, {k: v for k, v in given.items() if v is not None}
-        )
-        check_forwarded(values)
-        self.trusted_proxies: AddressSet = values["trusted_proxies"]
-        self.trusted_proxy_count: int | str = values["trusted_proxy_count"]
-        self.trusted_headers: frozenset[str] = values["trusted_headers"]
-        self.clear_untrusted: bool = values["clear_untrusted"]
+        self.trusted_proxies = trusted_proxies
+        self.trusted_proxy_count = trusted_proxy_count
+        self.trusted_headers = trusted_headers
+        self.clear_untrusted = clear_untrusted
         #: False when the rewrite can never change anything.
-        self.enabled = bool(self.trusted_proxies) or self.clear_untrusted
-        self._nobody = not self.trusted_proxies
-        self._auto = self.trusted_proxy_count == "auto"
-        self._count = 1 if self._auto else self.trusted_proxy_count
-        self._rfc7239 = "forwarded" in self.trusted_headers
+        self.enabled = bool(trusted_proxies) or clear_untrusted
+        self._nobody = not trusted_proxies
+        self._auto = trusted_proxy_count == "auto"
+        self._count = 1 if self._auto else trusted_proxy_count
+        self._rfc7239 = "forwarded" in trusted_headers
         self._trusted_keys = frozenset(
-            key for key, name in _NAMES.items() if name.lower() in self.trusted_headers
+            key for key, name in _NAMES.items() if name.lower() in trusted_headers
         )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ProxyHeaders:
+        """From the settings' keys without prefix, typed or as ini strings;
+        a bad value or combination raises SettingsError."""
+        values = parse(FORWARDED_SETTINGS, options)
+        check_forwarded(values)
+        return cls(**values)
 
     def rewrite(self, environ: MutableMapping[str, Any]) -> None:
         """Apply the trusted headers of ``environ`` to it, in place.
@@ -448,23 +547,18 @@ def _reject(exc: MalformedHeader, environ: Mapping[str, Any]) -> bytes:
 class ForwardedMiddleware:
     """WSGI middleware applying trusted proxy headers (see the module doc).
 
-    Keyword arguments are those of :class:`ProxyHeaders`, typed or as ini
-    strings; a bad value raises :class:`~pyramid_lb.settings.SettingsError`.
+    Keyword arguments are the settings' (``trusted_proxies``,
+    ``trusted_proxy_count``, ``trusted_headers``, ``clear_untrusted``), typed
+    or as ini strings, a bad one raising
+    :class:`~pyramid_lb.settings.SettingsError`; or a ready
+    :class:`ProxyHeaders`.
     """
 
     def __init__(
-        self,
-        app: Callable,
-        *,
-        trusted_proxies: AddressSet | str | Iterable[str] = "",
-        trusted_proxy_count: int | str = 1,
-        trusted_headers: Iterable[str] | str = DEFAULT_HEADERS,
-        clear_untrusted: bool | str = True,
+        self, app: Callable, proxy_headers: ProxyHeaders | None = None, **options: Any
     ):
         self.app = app
-        self.proxy_headers = ProxyHeaders(
-            trusted_proxies, trusted_proxy_count, trusted_headers, clear_untrusted
-        )
+        self.proxy_headers = proxy_headers or ProxyHeaders.from_options(options)
 
     def __call__(self, environ, start_response):
         try:
@@ -484,11 +578,10 @@ class ForwardedMiddleware:
 
 def filter_factory(global_conf: Mapping[str, Any], **local_conf: str):
     """PasteDeploy filter ``egg:pyramid_lb#forwarded``, with unprefixed keys."""
-    values = parse(FORWARDED_SETTINGS, local_conf)
-    check_forwarded(values)
+    proxy_headers = ProxyHeaders.from_options(local_conf)
 
     def forwarded_filter(app):
-        return ForwardedMiddleware(app, **values)
+        return ForwardedMiddleware(app, proxy_headers)
 
     return forwarded_filter
 
@@ -500,9 +593,9 @@ def includeme(config: Configurator) -> None:
     """Apply trusted proxy headers before any other tween sees the request.
 
     Reads ``pyramid_lb.trusted_proxies``, ``pyramid_lb.trusted_proxy_count``,
-    ``pyramid_lb.trusted_headers`` and ``pyramid_lb.clear_untrusted`` (ini
-    strings or values already parsed), writes the typed values back, and
-    registers :func:`forwarded_tween_factory` right under INGRESS.
+    ``pyramid_lb.trusted_headers`` and ``pyramid_lb.clear_untrusted``, writes
+    the typed values back, and registers the tween (see :func:`register`).
+    ``config.include("pyramid_lb")`` parses them with the add-on's other keys.
     """
     settings = config.get_settings()
     try:
@@ -511,6 +604,12 @@ def includeme(config: Configurator) -> None:
     except SettingsError as exc:
         raise ConfigurationError(str(exc)) from None
     settings.update(values)
+    register(config)
+
+
+def register(config: Configurator) -> None:
+    """Register :func:`forwarded_tween_factory` right under INGRESS, over the
+    typed settings (already parsed)."""
     config.add_tween(TWEEN, under=INGRESS)
 
 
@@ -518,7 +617,7 @@ def forwarded_tween_factory(handler, registry):
     """The tween of :func:`includeme`; a 400 Response for malformed headers."""
     settings = registry.settings
     proxy_headers = ProxyHeaders(
-        **{s.name: settings.get(ADDON_PREFIX + s.name) for s in FORWARDED_SETTINGS}
+        **{s.name: settings[ADDON_PREFIX + s.name] for s in FORWARDED_SETTINGS}
     )
     if not proxy_headers.enabled:
         return handler

@@ -25,9 +25,47 @@ from pyramid.registry import Registry
 from pyramid.response import Response
 from zope.interface import Interface
 
-from pyramid_lb.server import handles_sigterm
+from pyramid_lb.process import INSTANCE_ENV, handles_sigterm
+from pyramid_lb.settings import Setting, addresses, optional, seconds, text, url_path
 
 log = logging.getLogger(__name__)
+
+HEALTH_SETTINGS = (
+    Setting("health_path", url_path, "/healthz", "Path of the liveness endpoint."),
+    Setting("ready_path", url_path, "/readyz", "Path of the readiness endpoint."),
+    Setting(
+        "check_timeout",
+        seconds(allow_zero=False),
+        "1",
+        "Default time a health check may take before it counts as failed.",
+    ),
+    Setting(
+        "check_cache",
+        seconds(),
+        "1",
+        "How long a check's result is reused, so frequent probes do not multiply "
+        "the load on what it checks (0: run on every probe).",
+    ),
+    Setting(
+        "health_details_allow",
+        addresses,
+        "127.0.0.1 ::1",
+        "Clients shown check output (error texts); others see only statuses.",
+    ),
+    Setting(
+        "drain_file",
+        optional(text),
+        None,
+        "While this file exists the instance drains (readiness fails).",
+    ),
+    Setting(
+        "drain_on_sigterm",
+        optional(seconds(allow_zero=False)),
+        None,
+        "On SIGTERM, drain for this many seconds while still serving, then stop "
+        "the server. Unset: SIGTERM is left alone.",
+    ),
+)
 
 LIVENESS = "liveness"
 READINESS = "readiness"
@@ -41,9 +79,7 @@ class IHealth(Interface):
 
 def instance_id() -> str:
     """This instance's id: ``$PYRAMID_LB_INSTANCE``, else ``host:pid``."""
-    return os.environ.get("PYRAMID_LB_INSTANCE") or (
-        f"{socket.gethostname()}:{os.getpid()}"
-    )
+    return os.environ.get(INSTANCE_ENV) or (f"{socket.gethostname()}:{os.getpid()}")
 
 
 def _timestamp(epoch: float) -> str:

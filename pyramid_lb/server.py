@@ -1,9 +1,10 @@
 """Waitress, hardened for the front line: strict framing, early refusals, many
 connections, and a stop that finishes the answers still being sent.
 
-``egg:pyramid_lb#waitress`` is waitress with these changes, for
-``[server:dispatcher]`` (and ``[server:main]`` if you like); ``pyramid-lb
-serve`` applies them to a ``egg:waitress#main`` section too.
+``egg:pyramid_lb#waitress`` (:func:`pyramid_lb.process.serve_paste`) is
+waitress with these changes, for ``[server:dispatcher]`` (and
+``[server:main]`` if you like); ``pyramid-lb serve`` applies them to a
+``egg:waitress#main`` section too.
 
 - Requests are parsed by :class:`StrictRequestParser`, which refuses with a
   400, and closes the connection, bodies whose framing RFC 9112 puts in
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import signal
 import time
 from typing import Any
 
@@ -254,33 +254,3 @@ def graceful_timeout(options: dict[str, Any]) -> float:
         raise SettingsError(
             f"graceful_timeout = {value!r} is not valid: {exc}"
         ) from None
-
-
-def handles_sigterm(handler):
-    """Mark a SIGTERM handler of pyramid_lb's (the add-on's drain, the
-    dispatcher's): :func:`stop_on_sigterm` leaves it in place."""
-    handler.pyramid_lb = True
-    return handler
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM stops gracefully as Ctrl-C does, unless pyramid_lb's own
-    handler is in place (any other, a tool's such as coverage's, would end
-    the process at once, cutting off what is in flight)."""
-    if not getattr(signal.getsignal(signal.SIGTERM), "pyramid_lb", False):
-        signal.signal(signal.SIGTERM, _raise_system_exit)
-
-
-def _raise_system_exit(signum, frame):
-    raise SystemExit(0)
-
-
-def serve_paste(app, global_conf, **options) -> int:
-    """The paste server runner ``egg:pyramid_lb#waitress``."""
-    timeout = graceful_timeout(options)
-    own = {key: value for key, value in options.items() if key not in OWN_KEYS}
-    server = create_server(app, own)
-    stop_on_sigterm()
-    server.print_listen("Serving on http://{}:{}")
-    run(server, timeout)
-    return 0

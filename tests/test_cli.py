@@ -146,3 +146,14 @@ def test_status_names_the_url_it_tried(tmp_path):
         f"pyramid-lb: error: cannot reach http://127.0.0.1:{port} (the dispatcher "
         f"of {ini}): Connection refused\n"
     )
+
+
+@pytest.mark.parametrize("command", [["serve"], ["export", "nginx"], ["status"]])
+def test_start_up_errors_are_one_line_and_exit_1(tmp_path, capsys, command):
+    ini = tmp_path / "broken.ini"
+    ini.write_text("[app:dispatcher]\nuse = egg:no_such_egg\n")
+    assert cli.main([*command, str(ini)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"pyramid-lb: error: {ini} ")
+    assert "no_such_egg" in error or "has no [server:dispatcher]" in error
+    assert error.count("\n") == 1

@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
@@ -13,9 +12,9 @@ import requests
 
 from pyramid_lb import cli
 from pyramid_lb.affinity_cookie import sign
-from pyramid_lb.export import ExportError
 from pyramid_lb.export import export as export_config
-from tests.dispatcher.site import from_another_address, write_ini
+from pyramid_lb.process import StartupError
+from tests.dispatcher.site import free_port, from_another_address, write_ini
 from tests.processes import BIN, Processes, wait_until
 
 
@@ -480,17 +479,11 @@ def test_prints_to_stdout_without_o(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("# nginx configuration generated")
     assert "client_max_body_size 1000;" in text and "keepalive" not in text
-    with pytest.raises(ExportError, match="'apache' is not an engine"):
+    with pytest.raises(StartupError, match="'apache' is not an engine"):
         export_config("apache", str(ini))
 
 
 # -- end to end ----------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def answers(url):

@@ -872,7 +872,7 @@ def test_malformed_header_names_header_and_reason():
 
 
 def test_original_values_are_kept():
-    proxy = ProxyHeaders(PROXY)
+    proxy = ProxyHeaders(AddressSet.parse(PROXY))
     environ = {
         **BASE,
         "wsgi.url_scheme": "http",
@@ -897,8 +897,8 @@ def test_original_values_are_kept():
 
 def test_original_values_absent_when_nothing_changes():
     environ = {**BASE, "wsgi.url_scheme": "http"}
-    ProxyHeaders(PROXY).rewrite(environ)
-    ProxyHeaders("").rewrite(environ)
+    ProxyHeaders(AddressSet.parse(PROXY)).rewrite(environ)
+    ProxyHeaders(AddressSet.parse("")).rewrite(environ)
     assert ORIGINAL_KEY not in environ
     assert environ == {**BASE, "wsgi.url_scheme": "http"}
 
@@ -913,7 +913,7 @@ def test_malformed_header_leaves_environ_untouched():
     }
     before = dict(environ)
     with pytest.raises(MalformedHeader, match="X-Forwarded-Port"):
-        ProxyHeaders(PROXY).rewrite(environ)
+        ProxyHeaders(AddressSet.parse(PROXY)).rewrite(environ)
     assert environ == before
 
 
@@ -1054,11 +1054,13 @@ def test_tween_off_costs_nothing(config):
     def handler(request):
         raise AssertionError("not called")
 
-    config.registry.settings.update(
+    settings = config.registry.settings
+    settings.update(
         {"pyramid_lb.trusted_proxies": "", "pyramid_lb.clear_untrusted": "false"}
     )
+    config.include("pyramid_lb.forwarded")  # parses them, once
     assert forwarded_tween_factory(handler, config.registry) is handler
-    config.registry.settings["pyramid_lb.clear_untrusted"] = "true"
+    settings["pyramid_lb.clear_untrusted"] = True
     assert forwarded_tween_factory(handler, config.registry) is not handler
 
 

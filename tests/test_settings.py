@@ -3,15 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from pyramid_lb import settings
-from pyramid_lb.settings import (
-    ADDON_PREFIX,
-    ADDON_SETTINGS,
-    Setting,
-    SettingsError,
-    parse,
-    parse_addon,
-)
+from pyramid_lb import ADDON_SETTINGS, forwarded, parse_addon, reference, settings
+from pyramid_lb.dispatcher.config import DISPATCHER_SETTINGS, parse_dispatcher
+from pyramid_lb.settings import ADDON_PREFIX, Setting, SettingsError, parse
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -34,10 +28,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
         pytest.param(settings.words, "a, b c", ("a", "b", "c"), id="words"),
         pytest.param(settings.words, ["a", 1], ("a", "1"), id="words typed"),
         pytest.param(settings.url_path, "/ops/ready", "/ops/ready", id="path"),
-        pytest.param(settings.proxy_count, "AUTO", "auto", id="auto"),
-        pytest.param(settings.proxy_count, "2", 2, id="count"),
+        pytest.param(forwarded.proxy_count, "AUTO", "auto", id="auto"),
+        pytest.param(forwarded.proxy_count, "2", 2, id="count"),
         pytest.param(
-            settings.header_names,
+            forwarded.header_names,
             "Forwarded",
             frozenset({"forwarded"}),
             id="header names",
@@ -68,9 +62,9 @@ def test_converters(convert, raw, expected):
         pytest.param(settings.one_of("a", "b"), "c", "one of a, b", id="one of"),
         pytest.param(settings.url_path, "//x", "absolute path", id="path"),
         pytest.param(settings.url_path, "/a b", "absolute path", id="path space"),
-        pytest.param(settings.proxy_count, "0", "or 'auto'", id="count"),
+        pytest.param(forwarded.proxy_count, "0", "or 'auto'", id="count"),
         pytest.param(
-            settings.header_names, "x-client-ip", "'x-client-ip'", id="header"
+            forwarded.header_names, "x-client-ip", "'x-client-ip'", id="header"
         ),
         pytest.param(settings.addresses, "10.0.0.300", "'10.0.0.300'", id="address"),
     ],
@@ -124,7 +118,7 @@ def test_parse_lists_a_short_table_when_nothing_is_close():
         pytest.param(
             {"colour": "red"},
             "unknown setting 'colour'; it is none of the "
-            f"{len(settings.DISPATCHER_SETTINGS)} known settings "
+            f"{len(DISPATCHER_SETTINGS)} known settings "
             "(`pyramid-lb serve --help` lists them)",
             id="nothing close",
         ),
@@ -132,7 +126,7 @@ def test_parse_lists_a_short_table_when_nothing_is_close():
 )
 def test_unknown_key_of_a_long_table_is_one_short_line(raw, message):
     with pytest.raises(SettingsError) as info:
-        settings.parse_dispatcher(raw)
+        parse_dispatcher(raw)
     assert str(info.value) == message
     assert len(str(info.value)) < 120
 
@@ -187,7 +181,7 @@ def readme_block(name):
 @pytest.mark.parametrize("name", ["addon", "dispatcher"])
 def test_readme_reference_matches_the_tables(name):
     """The README's reference is generated; regenerate it with `make docs`."""
-    assert readme_block(name) == settings.reference_blocks()[name]
+    assert readme_block(name) == reference.blocks()[name]
 
 
 def test_write_readme_fills_and_refreshes_blocks(tmp_path):
@@ -196,12 +190,12 @@ def test_write_readme_fills_and_refreshes_blocks(tmp_path):
         "intro\n<!-- settings:addon -->\n<!-- /settings:addon -->\nmiddle\n"
         "<!-- settings:dispatcher -->\nSTALE\n<!-- /settings:dispatcher -->\nend\n"
     )
-    settings.write_readme(str(readme))
+    settings.write_readme(str(readme), reference.blocks())
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\nend\n")
     assert "middle" in text and "STALE" not in text
-    assert settings.reference_blocks()["dispatcher"] in text
-    settings.write_readme(str(readme))
+    assert reference.blocks()["dispatcher"] in text
+    settings.write_readme(str(readme), reference.blocks())
     assert readme.read_text() == text
 
 
@@ -209,7 +203,7 @@ def test_write_readme_needs_the_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="settings:addon"):
-        settings.write_readme(str(readme))
+        settings.write_readme(str(readme), reference.blocks())
 
 
 def test_the_dispatcher_adds_trusted_proxies_through_the_environment():

@@ -12,13 +12,14 @@ from pyramid_lb.dispatcher.admin import PREFIX, Admin
 from pyramid_lb.dispatcher.balancer import make_strategy
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
+from pyramid_lb.dispatcher.config import DispatcherConfig, parse_dispatcher
 from pyramid_lb.dispatcher.operations import Busy, Operations
 from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
 from pyramid_lb.dispatcher.sticky import Sticky
 from pyramid_lb.dispatcher.supervisor import Supervisor
 from pyramid_lb.forwarded import ProxyHeaders
-from pyramid_lb.server import handles_sigterm
-from pyramid_lb.settings import SettingsError, parse_dispatcher
+from pyramid_lb.process import stop_on_signals
+from pyramid_lb.settings import SettingsError
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
@@ -30,59 +31,58 @@ class Dispatcher:
     copies of its ``[app:main]``, and ``ini_files`` are relative to it.
     """
 
-    def __init__(self, settings: dict, ini: str | None = None):
-        self.settings = settings
+    def __init__(self, config: DispatcherConfig, ini: str | None = None):
+        #: The parsed ``[app:dispatcher]`` (see :mod:`.config`).
+        self.config = config
         pool_options = dict(
-            max_idle=settings["pool_size"],
-            connect_timeout=settings["connect_timeout"],
-            read_timeout=settings["read_timeout"],
+            pool_size=config.pool_size,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
         )
         self.cluster = Cluster(
-            eject_after=settings["eject_after"] or 1 << 30,
-            eject_time=settings["eject_time"],
+            eject_after=config.eject_after, eject_time=config.eject_time
         )
-        for spec in settings["backends"]:
+        for spec in config.backends:
             self.cluster.add(
                 Backend(spec.url, weight=spec.weight, state=UP, **pool_options)
             )
-        trusted = None
-        if settings["trusted_proxies"]:
-            trusted = ProxyHeaders(
-                settings["trusted_proxies"],
-                settings["trusted_proxy_count"],
-                settings["trusted_headers"],
-            )
         options = {}
-        if settings["strategy"] == "hash":
-            options = dict(key=settings["hash_key"], balance=settings["hash_balance"])
-        self.strategy = make_strategy(settings["strategy"], self.cluster, **options)
-        sticky = None
-        if settings["sticky"] != "off":
+        if config.strategy == "hash":
+            options = dict(hash_key=config.hash_key, hash_balance=config.hash_balance)
+        self.strategy = make_strategy(config.strategy, self.cluster, **options)
+        sticky = trusted = None
+        if config.sticky != "off":
             sticky = Sticky(
                 self.cluster,
-                settings["affinity_cookie"],
-                settings["affinity_secret"],
-                insert=settings["sticky"] == "insert",
+                config.affinity_cookie,
+                config.affinity_secret,
+                insert=config.sticky == "insert",
+            )
+        if config.trusted_proxies:
+            trusted = ProxyHeaders(
+                config.trusted_proxies,
+                config.trusted_proxy_count,
+                config.trusted_headers,
             )
         self.proxy = Proxy(
             self.cluster,
             self.strategy,
-            retries=settings["retries"],
-            retry_budget=RetryBudget(settings["retry_budget"]),
-            max_body_size=settings["max_body_size"],
-            name=settings["via_name"],
-            retry_after=max(1, round(settings["health_check_interval"])),
+            retries=config.retries,
+            budget=RetryBudget(config.retry_budget),
+            max_body_size=config.max_body_size,
+            via_name=config.via_name,
+            retry_after=max(1, round(config.health_check_interval)),
             sticky=sticky,
             trusted=trusted,
         )
         self.checker = HealthChecker(
             self.cluster,
-            path=settings["health_check_path"],
-            interval=settings["health_check_interval"],
-            timeout=settings["health_check_timeout"],
-            rise=settings["rise"],
-            fall=settings["fall"],
-            liveness_path=settings["liveness_path"],
+            health_check_path=config.health_check_path,
+            health_check_interval=config.health_check_interval,
+            health_check_timeout=config.health_check_timeout,
+            rise=config.rise,
+            fall=config.fall,
+            liveness_path=config.liveness_path,
         )
         #: Reloads, scaling, restarts, drains: one at a time.
         self.operations = Operations()
@@ -99,31 +99,31 @@ class Dispatcher:
         self._signals = False
         self.cluster.on_change = self._readiness_changed
         self.supervisor = None
-        if settings["instances"] or settings["ini_files"]:
+        if config.instances or config.ini_files:
             here = os.path.dirname(ini) if ini else os.getcwd()
             self.supervisor = Supervisor(
                 self.cluster,
-                copies=settings["instances"],
+                self.checker,
+                instances=config.instances,
                 main_ini=ini,
-                ini_files=[os.path.join(here, name) for name in settings["ini_files"]],
-                base_port=settings["base_port"],
-                startup_timeout=settings["startup_timeout"],
-                max_restarts=settings["max_restarts"],
-                restart_window=settings["restart_window"],
-                drain_timeout=settings["drain_timeout"],
-                stop_timeout=settings["stop_timeout"],
-                fall=settings["fall"],
+                ini_files=[os.path.join(here, name) for name in config.ini_files],
+                base_port=config.base_port,
+                startup_timeout=config.startup_timeout,
+                max_restarts=config.max_restarts,
+                restart_window=config.restart_window,
+                drain_timeout=config.drain_timeout,
+                stop_timeout=config.stop_timeout,
                 backend_options=pool_options,
                 operations=self.operations,
                 on_fatal=self._fatal,
             )
-        self.admin = Admin(self, settings["admin_allow"], settings["admin_hosts"])
+        self.admin = Admin(self, config.admin_allow, config.admin_hosts)
         #: Server settings the dispatcher needs (see pyramid_lb.server): a
         #: body over the limit refused before it is read (waitress refuses a
         #: length equal to its own limit, hence the 1), and forwarded headers
         #: left for the dispatcher to check against trusted_proxies.
         self.server_defaults = {
-            "max_request_body_size": settings["max_body_size"] + 1,
+            "max_request_body_size": config.max_body_size + 1,
             "clear_untrusted_proxy_headers": False,
         }
         self._stopped = False
@@ -201,19 +201,7 @@ class Dispatcher:
             or threading.current_thread() is not threading.main_thread()
         ):
             return False
-        signals = 0
-
-        @handles_sigterm
-        def on_stop(signum, frame):
-            nonlocal signals
-            signals += 1
-            if self.failure is None:  # else it is our own, already explained
-                name = signal.Signals(signum).name
-                how = "stopping" if signals == 1 else "stopping at once"
-                log.info("%s: %s", name, how)
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(0)
+        stop_on_signals(log, quiet=lambda: self.failure is not None)
 
         def on_sighup(signum, frame):
             log.info("SIGHUP: rolling restart")
@@ -222,8 +210,6 @@ class Dispatcher:
             except Busy as exc:
                 log.warning("SIGHUP: no rolling restart: %s", exc)
 
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_sighup)
         self._signals = True
         return True
@@ -241,28 +227,28 @@ def make_dispatcher(
     """Parse an ``[app:dispatcher]`` section into a Dispatcher (not started)."""
     settings.update(overrides or {})
     try:
-        values = parse_dispatcher(settings)
+        config = parse_dispatcher(settings)
     except SettingsError as exc:
         raise SettingsError(f"[app:dispatcher] {exc}") from None
     ini = global_conf.get("__file__")
-    if not (values["backends"] or values["instances"] or values["ini_files"]):
+    if not (config.backends or config.instances or config.ini_files):
         raise SettingsError(
             "[app:dispatcher] has no instances to balance over: set instances = N "
             "(copies of this file's [app:main]), ini_files, or backends "
             "(e.g. backends = http://127.0.0.1:6544 http://127.0.0.1:6545)"
         )
-    if values["instances"] and not ini:
+    if config.instances and not ini:
         raise SettingsError(
             "[app:dispatcher] instances = N spawns copies of the ini file it is in, "
             "but this one was not loaded from a file"
         )
-    for name in values["ini_files"]:
+    for name in config.ini_files:
         path = os.path.join(os.path.dirname(ini or ""), name)
         if not os.path.isfile(path):
             raise SettingsError(
                 f"[app:dispatcher] ini_files: {name!r} is not a file ({path})"
             )
-    return Dispatcher(values, ini)
+    return Dispatcher(config, ini)
 
 
 def main(global_conf, **settings):

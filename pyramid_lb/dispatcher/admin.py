@@ -209,7 +209,7 @@ class Admin:
                 state = DRAINING
             if process.get("failed"):
                 state = FAILED
-            check = backend.last_check
+            check = dispatcher.checker.last_check(backend)
             p50, p99 = backend.tally.percentiles(0.5, 0.99)
             instances.append(
                 {
@@ -217,7 +217,7 @@ class Admin:
                     "url": backend.url,
                     "pid": process.get("pid"),
                     "state": state,
-                    "ejected": backend.ejected,
+                    "ejected": dispatcher.cluster.ejected(backend),
                     "held": backend.held,
                     "weight": backend.weight,
                     "in_flight": backend.in_flight,
@@ -225,7 +225,7 @@ class Admin:
                     "errors": backend.errors,
                     "retries": backend.retries,
                     "restarts": process.get("restarts", 0),
-                    "ejections": backend.ejections_total,
+                    "ejections": backend.ejections,
                     "p50_ms": _ms(p50),
                     "p99_ms": _ms(p99),
                     "statuses": dict(zip(CLASSES, backend.tally.classes, strict=True)),
@@ -250,8 +250,8 @@ class Admin:
         ]
         return {
             "time": time.time(),
-            "strategy": dispatcher.settings["strategy"],
-            "sticky": dispatcher.settings["sticky"],
+            "strategy": dispatcher.config.strategy,
+            "sticky": dispatcher.config.sticky,
             "panic": dispatcher.cluster.panic,
             "supervised": supervisor is not None,
             #: The life-cycle operation under way (a reload, a scale...).
@@ -337,7 +337,7 @@ class Admin:
         try:
             if action == "restart":
                 if supervisor is None or not any(
-                    i.id == name for i in supervisor.instances
+                    i.id == name for i in supervisor.spawned
                 ):
                     return _problem(
                         start_response,
@@ -425,7 +425,7 @@ class Metrics:
             in_flight.add_metric([name], backend.in_flight)
             up.add_metric([name], 1 if backend in candidates else 0)
             retries.add_metric([name], backend.retries)
-            ejections.add_metric([name], backend.ejections_total)
+            ejections.add_metric([name], backend.ejections)
             if name in restarts:
                 restarted.add_metric([name], restarts[name])
         yield from (requests, latency, in_flight, up, retries, ejections, restarted)

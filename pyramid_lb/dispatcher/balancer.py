@@ -17,14 +17,6 @@ from collections.abc import Sequence
 from pyramid_lb.affinity_cookie import cookie_value
 from pyramid_lb.dispatcher.cluster import Backend, Cluster
 
-STRATEGIES = (
-    "round_robin",
-    "weighted_round_robin",
-    "least_connections",
-    "p2c",
-    "hash",
-)
-
 
 def _untried(candidates: Sequence[Backend], tried) -> Sequence[Backend]:
     return [b for b in candidates if b not in tried] if tried else candidates
@@ -46,7 +38,7 @@ class RoundRobin:
 
 
 class WeightedRoundRobin:
-    """Smooth weighted round robin (nginx's): weights spread out evenly.
+    """Smooth weighted round robin, as nginx's: weights spread out evenly.
 
     With weights 5, 1, 1 the order is a a b a c a a, never a run of five.
     """
@@ -151,7 +143,7 @@ class ConsistentHash:
     Each instance owns ``points`` spots (times its weight) on a ring; a key
     goes to the first instance clockwise from its hash that may take
     requests, so adding or removing an instance moves only about 1/N of the
-    keys. With ``balance`` (a factor >= 1), an instance already carrying
+    keys. With ``hash_balance`` (a factor >= 1), an instance already carrying
     more than that many times the average load is passed over for the next
     one on the ring (Mirrokni, Thorup and Zadimoghaddam, 2016), so one hot
     key cannot swamp its instance; the price is that a key spills to an
@@ -164,13 +156,13 @@ class ConsistentHash:
     def __init__(
         self,
         cluster: Cluster,
-        key: str = "client",
-        balance: float | None = None,
+        hash_key: str = "client",
+        hash_balance: float | None = None,
         points: int = 100,
     ):
         self.cluster = cluster
-        self.key = key_function(key)
-        self.balance = balance
+        self.key = key_function(hash_key)
+        self.balance = hash_balance
         self.points = points
         self._version = -1
         self._ring: tuple[list[int], list[Backend], int] = ([], [], 0)
@@ -229,18 +221,26 @@ class ConsistentHash:
         return min(candidates, key=lambda b: b.in_flight)
 
 
+#: Every strategy by its name in ``strategy = ...``.
+STRATEGIES = {
+    "round_robin": RoundRobin,
+    "weighted_round_robin": WeightedRoundRobin,
+    "least_connections": LeastConnections,
+    "p2c": PowerOfTwoChoices,
+    "hash": ConsistentHash,
+}
+
+
 def make_strategy(name: str, cluster: Cluster, **options):
-    """The strategy called ``name`` (one of :data:`STRATEGIES`)."""
-    # options go to every strategy, so one it does not take is a TypeError
-    # rather than silently ignored
-    if name == "round_robin":
-        return RoundRobin(cluster, **options)
-    if name == "weighted_round_robin":
-        return WeightedRoundRobin(cluster, **options)
-    if name == "least_connections":
-        return LeastConnections(cluster, **options)
-    if name == "p2c":
-        return PowerOfTwoChoices(cluster, **options)
-    if name == "hash":
-        return ConsistentHash(cluster, **options)
-    raise ValueError(f"{name!r} is not a strategy; expected one of {STRATEGIES}")
+    """The strategy called ``name`` (one of :data:`STRATEGIES`).
+
+    ``options`` go to it as they are: one it does not take is a TypeError,
+    not silently ignored.
+    """
+    try:
+        kind = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(
+            f"{name!r} is not a strategy; expected one of {', '.join(STRATEGIES)}"
+        ) from None
+    return kind(cluster, **options)

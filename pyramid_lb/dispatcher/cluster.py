@@ -6,10 +6,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from urllib.parse import urlsplit
 
 from pyramid_lb.dispatcher.stats import Tally
-from pyramid_lb.dispatcher.upstream import Pool
+from pyramid_lb.dispatcher.upstream import Pool, ReadTimeout, UpstreamError
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
@@ -19,6 +20,9 @@ UP = "up"
 DRAINING = "draining"  # finishing its requests, takes no new ones
 DOWN = "down"  # failed its health checks
 FAILED = "failed"  # given up on (the supervisor stopped restarting it)
+
+#: The longest an ejection lasts, however often it repeats (seconds).
+MAX_EJECT_TIME = 300.0
 
 
 def parse_backend_url(url: str) -> tuple[str, int]:
@@ -36,7 +40,11 @@ def parse_backend_url(url: str) -> tuple[str, int]:
 
 
 class Backend:
-    """One instance: where it is, how it is doing, and its connections."""
+    """One instance: where it is, how it is doing, and its connections.
+
+    Everything here is written by :class:`Cluster` (and the
+    :class:`Attempt` it hands out) and only read elsewhere.
+    """
 
     def __init__(
         self,
@@ -50,56 +58,88 @@ class Backend:
         self.host, self.port = parse_backend_url(url)
         self.name = name or f"{self.host}:{self.port}"
         self.weight = weight
-        self._pool_options = pool_options
+        self.pool_options = pool_options
         self.pool = Pool(self.host, self.port, **pool_options)
         self.state = state
         #: Set by the admin or supervisor: no new requests, even if healthy.
         self.held = False
+        # counts of exchanges, for the stats
         self.in_flight = 0
         self.tally = Tally()
         self.requests = 0
-        self.errors = 0
-        self.retries = 0
+        self.retries = 0  # exchanges that were retries of a failed one
+        self.errors = 0  # exchanges that failed, or answered a 5xx but 503
         # passive health (outlier detection)
-        self.failures = 0  # consecutive
-        self.ejections = 0  # in a row: each one lasts longer
-        self.ejections_total = 0
+        self.errors_in_a_row = 0
+        self.ejections_in_a_row = 0  # each one lasts longer
+        self.ejections = 0
         self.ejected_until = 0.0
-        # active health
-        self.passes = 0  # consecutive
-        self.fails = 0  # consecutive
-        self.last_check = None
-        #: Spawned instances are also probed for liveness; a hung one (its
-        #: liveness failing ``fall`` times) is killed and restarted.
-        self.check_liveness = False
-        self.live_fails = 0  # consecutive
-        self._lock = threading.Lock()
-
-    def started(self) -> None:
-        with self._lock:
-            self.in_flight += 1
-            self.requests += 1
-
-    def finished(self, status: int = 0, elapsed: float = 0.0) -> None:
-        """An exchange ended: with ``status`` (0 when it failed) after ``elapsed``."""
-        with self._lock:
-            self.in_flight -= 1
-            self.tally.add(status, elapsed)
-
-    def move(self, port: int) -> None:
-        """The instance listens on ``port`` now; connections to the old one go."""
-        old = self.pool
-        self.port = port
-        self.url = f"http://{self.host}:{port}"
-        self.pool = Pool(self.host, port, **self._pool_options)
-        old.close()
-
-    @property
-    def ejected(self) -> bool:
-        return self.ejected_until > time.monotonic()
+        self.lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} {self.url} {self.state}>"
+
+
+class Attempt:
+    """One exchange with a backend, counted from the moment it is sent.
+
+    A context manager: every way out of its block ends it once, a failure
+    (an exception) included, unless :meth:`keep` handed it on to the body
+    still being streamed, whose close calls :meth:`end`. Passive health is
+    judged by :meth:`answered` (the head came) or the failure.
+    """
+
+    __slots__ = ("cluster", "backend", "sent", "status", "kept", "ended")
+
+    def __init__(self, cluster: Cluster, backend: Backend, retry: bool):
+        self.cluster = cluster
+        self.backend = backend
+        self.status = 0
+        self.kept = self.ended = False
+        with backend.lock:
+            backend.in_flight += 1
+            backend.requests += 1
+            if retry:
+                backend.retries += 1
+        self.sent = perf_counter()
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is not None or not self.kept:
+            self.end(error)
+        return False
+
+    def answered(self, status: int) -> None:
+        """The instance answered ``status``: a 5xx is a failure, but a 503,
+        which an app sends on purpose (and its readiness says the rest)."""
+        self.status = status
+        if status >= 500 and status != 503:
+            self.cluster.failed(self.backend, f"answered {status}")
+        else:
+            self.cluster.succeeded(self.backend)
+
+    def keep(self) -> None:
+        """The answer's body goes on after the block: its close ends this."""
+        self.kept = True
+
+    def end(self, error: BaseException | None = None) -> float:
+        """Count the exchange as over (once); the time it took."""
+        elapsed = perf_counter() - self.sent
+        if self.ended:
+            return elapsed
+        self.ended = True
+        backend = self.backend
+        with backend.lock:
+            backend.in_flight -= 1
+            backend.tally.add(self.status, elapsed)
+        # A failure before the head counts against the instance, but a
+        # timeout: the request may be running still, slowly.
+        if isinstance(error, UpstreamError) and not self.status:
+            if not isinstance(error, ReadTimeout):
+                self.cluster.failed(backend, str(error))
+        return elapsed
 
 
 class Cluster:
@@ -116,7 +156,7 @@ class Cluster:
         backends: Iterable[Backend] = (),
         eject_after: int = 3,
         eject_time: float = 5.0,
-        max_eject_time: float = 300.0,
+        max_eject_time: float = MAX_EJECT_TIME,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.backends: list[Backend] = list(backends)
@@ -231,27 +271,52 @@ class Cluster:
         self._stale = True
         self._changed()
 
-    # -- passive health -------------------------------------------------------
+    def move(self, backend: Backend, port: int) -> None:
+        """``backend`` listens on ``port`` now; connections to the old one go."""
+        old = backend.pool
+        with self._lock:
+            backend.port = port
+            backend.url = f"http://{backend.host}:{port}"
+            backend.pool = Pool(backend.host, port, **backend.pool_options)
+        old.close()
+
+    # -- exchanges and passive health -----------------------------------------
+
+    def attempt(self, backend: Backend, retry: bool = False) -> Attempt:
+        """Start counting an exchange with ``backend`` (``retry`` of another)."""
+        return Attempt(self, backend, retry)
+
+    def ejected(self, backend: Backend) -> bool:
+        return backend.ejected_until > self._clock()
 
     def succeeded(self, backend: Backend) -> None:
-        if backend.failures:
-            backend.failures = 0
+        if backend.errors_in_a_row:
+            backend.errors_in_a_row = 0
 
     def failed(self, backend: Backend, reason: str) -> None:
-        """Count a connection failure or 5xx; eject after too many in a row."""
+        """Count a failed exchange or a 5xx; eject after too many in a row.
+
+        With ``eject_after = 0`` nothing is ever ejected.
+        """
         with self._lock:
-            backend.failures += 1
             backend.errors += 1
+            backend.errors_in_a_row += 1
             now = self._clock()
-            if backend.failures < self.eject_after or backend.ejected_until > now:
+            if (
+                not self.eject_after
+                or backend.errors_in_a_row < self.eject_after
+                or backend.ejected_until > now
+            ):
                 return
             if now - backend.ejected_until > self.max_eject_time:
-                backend.ejections = 0  # well behaved for long: start over
+                backend.ejections_in_a_row = 0  # well behaved for long: start over
+            backend.ejections_in_a_row += 1
             backend.ejections += 1
-            backend.ejections_total += 1
-            cooldown = min(self.eject_time * backend.ejections, self.max_eject_time)
+            cooldown = min(
+                self.eject_time * backend.ejections_in_a_row, self.max_eject_time
+            )
             backend.ejected_until = now + cooldown
-            backend.failures = 0
+            backend.errors_in_a_row = 0
             backend.pool.clear()
             self._stale = True
         log.warning(

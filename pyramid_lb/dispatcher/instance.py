@@ -3,47 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import configparser
 import ctypes
-import errno
-import importlib.metadata
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-import waitress
-from paste.deploy.loadwsgi import APP, SERVER, loadcontext
 from pyramid.exceptions import ConfigurationError
 from pyramid.paster import setup_logging
 
 from pyramid_lb import server as front
 from pyramid_lb.health import IHealth
-from pyramid_lb.process import PORT_IN_USE
-from pyramid_lb.settings import TRUSTED_PROXIES_ENV, SettingsError
+from pyramid_lb.process import (
+    PARENT_ENV,
+    TRUSTED_PROXIES_ENV,
+    StartupError,
+    create_server,
+    is_waitress,
+    load,
+    stop_on_signals,
+)
+from pyramid_lb.settings import SettingsError
 
 PROG = "pyramid_lb.dispatcher.instance"
 # Not __name__: run with -m, that is "__main__", outside the ini's loggers.
 log = logging.getLogger(PROG)
-PARENT_ENV = "PYRAMID_LB_PARENT"
 PR_SET_PDEATHSIG = 1
-#: Server keys replaced by ``listen = HOST:PORT``; waitress refuses mixes.
-ADDRESS_KEYS = ("listen", "host", "port", "unix_socket", "unix_socket_perms")
 WAITRESS_FORWARDED = (
     "x-forwarded-for x-forwarded-host x-forwarded-proto x-forwarded-port"
 )
-
-
-class Failure(Exception):
-    """Start-up stopped for a reason told in one line; ``code`` is the exit status."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
 
 
 def follow_parent(
@@ -56,14 +47,16 @@ def follow_parent(
     try:
         parent_pid = int(parent)
     except ValueError:
-        raise Failure(f"{PARENT_ENV} = {parent!r} is not a process id", 2) from None
+        raise StartupError(
+            f"{PARENT_ENV} = {parent!r} is not a process id", 2
+        ) from None
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         # A failure here is not fatal: the watchdog below still notices.
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     # The parent may have died before prctl took effect: then no signal comes.
     if os.getppid() != parent_pid:
-        raise Failure(f"parent process {parent_pid} is gone; not starting")
+        raise StartupError(f"parent process {parent_pid} is gone; not starting")
 
     def watch() -> None:
         # For platforms without prctl, and as a second line of defence.
@@ -76,57 +69,6 @@ def follow_parent(
                 os._exit(1)
 
     threading.Thread(target=watch, name="pyramid_lb parent watch", daemon=True).start()
-
-
-def listen_host(conf: Mapping[str, Any]) -> str:
-    """The host a server section asks for, ready to put before ``:PORT``."""
-    entries = str(conf.get("listen") or "").split()
-    if entries:
-        host = entries[0]
-        if ":" in host:
-            head, _, tail = host.rpartition(":")
-            if "]" not in tail:  # the colon was the port's, not inside [IPv6]
-                host = head
-    else:
-        host = str(conf.get("host") or "127.0.0.1")
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return host
-
-
-def _port_problem(port: str) -> str | None:
-    """Why ``port`` is no TCP port waitress should be given, or None."""
-    if port.isascii() and port.isdigit():
-        # Waitress would wrap 99999 around to 34463 without a word.
-        return None if int(port) <= 65535 else "above 65535"
-    try:
-        socket.getservbyname(port, "tcp")  # waitress takes "http" for 80 too
-    except OSError:
-        return "not a number"
-    return None
-
-
-def listen_problem(conf: Mapping[str, Any]) -> str | None:
-    """What is wrong with the ports a server section's ``listen`` or ``port``
-    gives, in a sentence naming the key and the value, or None."""
-    allowed = "expected a TCP port from 1 to 65535 (0: any free port)"
-    listen = str(conf.get("listen") or "")
-    for entry in listen.split():
-        head, colon, port = entry.rpartition(":")
-        if not colon or "]" in port or (":" in head and not head.endswith("]")):
-            continue  # no port given (a bare IPv6 address): waitress's default
-        problem = _port_problem(port)
-        if problem:
-            return (
-                f"listen = {listen!r} is not valid: the port of {entry!r} is "
-                f"{problem}; {allowed}"
-            )
-    if conf.get("port") not in (None, ""):
-        port = str(conf["port"]).strip()
-        problem = _port_problem(port)
-        if problem:
-            return f"port = {port!r} is not valid: {problem}; {allowed}"
-    return None
 
 
 def forwarded_options(
@@ -157,8 +99,9 @@ def forwarded_options(
     }
 
 
-def stop_on_signals(app: Any) -> None:
-    """SIGTERM and SIGINT stop the server now: the dispatcher drained us already."""
+def stop_at_once(app: Any) -> None:
+    """SIGTERM and SIGINT stop the server without draining: the dispatcher
+    drained this instance already."""
     settings = getattr(getattr(app, "registry", None), "settings", None) or {}
     grace = settings.get("pyramid_lb.drain_on_sigterm")
     if grace is not None:
@@ -167,76 +110,33 @@ def stop_on_signals(app: Any) -> None:
             "this instance before it stops it, so SIGTERM stops it at once",
             grace,
         )
-
-    def stop(signum, frame):
-        raise SystemExit(0)  # waitress closes cleanly on SystemExit
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(log)
 
 
 def serve(
     ini: str, port: int, app_name: str = "main", server_name: str = "main"
 ) -> None:
     """Load ``[app:APP]`` of ``ini`` and serve it on ``port``, until a signal."""
-    if not os.path.isfile(ini):
-        raise Failure(f"{ini}: no such file", code=2)
-    path = os.path.abspath(ini)
     variables = {"http_port": str(port)}
-    setup_logging(path, variables)
-    try:
-        server = loadcontext(
-            SERVER, "config:" + path, name=server_name, global_conf=variables
-        )
-        app_context = loadcontext(
-            APP, "config:" + path, name=app_name, global_conf=variables
-        )
-    except (
-        LookupError,
-        importlib.metadata.PackageNotFoundError,
-        configparser.Error,
-    ) as exc:
-        raise Failure(f"{ini}: {exc}") from None
+    server = load(ini, f"server:{server_name}", variables)
+    app_context = load(ini, f"app:{app_name}", variables)
+    setup_logging(os.path.abspath(ini), variables)
     try:
         app = app_context.create()
     except (SettingsError, ConfigurationError) as exc:
-        raise Failure(str(exc)) from None
-
-    if server.object not in (waitress.serve_paste, front.serve_paste):
+        raise StartupError(str(exc)) from None
+    stop_at_once(app)
+    if not is_waitress(server):
         log.warning(
             "[server:%s] is not waitress: it listens where http_port = %s puts it",
             server_name,
             port,
         )
-        stop_on_signals(app)
         server.create()(app)
         return
     conf = dict(server.local_conf)
-    problem = listen_problem(conf)
-    if problem:  # the port itself is replaced, but pserve would be given it
-        raise Failure(f"{ini} [server:{server_name}] {problem}")
-    host = listen_host(conf)
-    try:
-        grace = front.graceful_timeout(conf)
-    except SettingsError as exc:
-        raise Failure(f"{ini} [server:{server_name}] {exc}") from None
-    options = {
-        key: value
-        for key, value in conf.items()
-        if key not in ADDRESS_KEYS and key not in front.OWN_KEYS
-    }
-    options.update(forwarded_options(app, conf), listen=f"{host}:{port}")
-    stop_on_signals(app)
-    try:
-        wsgi_server = front.create_server(app, options)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise Failure(
-                f"cannot listen on {host}:{port}: address already in use", PORT_IN_USE
-            ) from None
-        raise Failure(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    except ValueError as exc:  # waitress's check of the server section
-        raise Failure(f"{ini} [server:{server_name}]: {exc}") from None
+    conf.update(forwarded_options(app, conf))
+    wsgi_server, grace = create_server(app, conf, f"{ini} [server:{server_name}]", port)
     wsgi_server.print_listen("Serving on http://{}:{}")
     # Until SIGTERM: what is in flight (answers being sent included) is then
     # finished, within the supervisor's stop_timeout.
@@ -260,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         follow_parent()
         serve(args.ini, args.port, args.app, args.server)
-    except Failure as exc:
+    except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:
+        pass  # SIGINT, through a server other than waitress
     return 0
 
 

@@ -29,15 +29,16 @@ from time import perf_counter
 from urllib.parse import quote
 
 from pyramid_lb.addresses import parse_host
-from pyramid_lb.dispatcher.cluster import Backend, Cluster
+from pyramid_lb.dispatcher.cluster import Attempt, Backend, Cluster
 from pyramid_lb.dispatcher.stats import Tally
 from pyramid_lb.dispatcher.upstream import (
     NO_BODY,
     Body,
-    ReadTimeout,
     Response,
+    ShortBody,
     UpstreamError,
     exchange,
+    may_resend,
 )
 
 log = logging.getLogger("pyramid_lb.dispatcher")
@@ -181,11 +182,15 @@ def _quote_value(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: Retries a cluster always has, and the seconds the budget counts over.
+RETRY_FLOOR = 10
+RETRY_WINDOW = 10
+
+
 class RetryBudget:
     """Retries allowed as a share of recent requests, plus a small floor.
 
-    Counts requests and retries per second, for the budget over the last
-    ``window`` seconds and for the dashboard's chart over the last ``keep``.
+    Counts requests and retries per second over the last ``window`` seconds.
     Counting is not locked: a lost increment under contention only nudges
     numbers that are a guide.
     """
@@ -193,17 +198,15 @@ class RetryBudget:
     def __init__(
         self,
         ratio: float = 0.2,
-        floor: int = 10,
-        window: int = 10,
+        floor: int = RETRY_FLOOR,
+        window: int = RETRY_WINDOW,
         clock=time.monotonic,
-        keep: int = 60,
     ):
         self.ratio = ratio
         self.floor = floor
         self.window = window
-        self.keep = keep
         self._clock = clock
-        slots = self._slots = max(window, keep) + 1
+        slots = self._slots = window + 1
         self._second = [0] * slots
         self._requests = [0] * slots
         self._retries = [0] * slots
@@ -231,15 +234,6 @@ class RetryBudget:
         self._retries[slot] += 1
         return True
 
-    def history(self) -> list[tuple[int, int]]:
-        """``(second, requests)`` for each of the last ``keep`` whole seconds,
-        in the clock's seconds."""
-        now = int(self._clock())
-        counts = dict(zip(self._second, self._requests, strict=True))
-        return [
-            (second, counts.get(second, 0)) for second in range(now - self.keep, now)
-        ]
-
 
 def error_response(start_response, status: int, message: str, headers=()):
     phrase = HTTPStatus(status).phrase
@@ -264,9 +258,9 @@ class Proxy:
         cluster: Cluster,
         strategy,
         retries: int = 2,
-        retry_budget: RetryBudget | None = None,
+        budget: RetryBudget | None = None,
         max_body_size: int = 1 << 30,
-        name: str | None = None,
+        via_name: str | None = None,
         retry_after: int = 1,
         sticky=None,
         trusted=None,
@@ -277,22 +271,26 @@ class Proxy:
         self.trusted = trusted
         self.strategy = strategy
         self.retries = retries
-        self.budget = retry_budget or RetryBudget()
+        self.budget = budget or RetryBudget()
         self.max_body_size = max_body_size
         self.retry_after = str(retry_after)
         #: A :class:`~pyramid_lb.dispatcher.sticky.Sticky`, for session affinity.
         self.sticky = sticky
         #: Requests answered without an instance (503, 508, 413...).
         self.unrouted = Tally()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         #: One line per request, at INFO; turned off by giving it a higher level.
         self.access_log = logging.getLogger("pyramid_lb.access")
         # The Via pseudonym: a request arriving with it already passed here.
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
-        self.via = f"1.1 {self.name} (pyramid_lb)"
-        self._via_name = self.name.lower()
+        name = via_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.via = f"1.1 {name} (pyramid_lb)"
+        #: Compared with the names in a request's Via, to find loops.
+        self.via_name = name.lower()
 
-    # -- the request ----------------------------------------------------------
+    def __call__(self, environ, start_response):
+        return Task(self, environ, start_response).run()
+
+    # -- the request as the instance sees it ------------------------------------
 
     def request_head(self, environ, request_id: str) -> bytes:
         """The request line and headers as the instance should see them.
@@ -360,308 +358,265 @@ class Proxy:
         )
         return "\r\n".join(lines).encode("latin-1")
 
-    def __call__(self, environ, start_response):
-        started = perf_counter()
+
+class Task:
+    """One request on its way through the proxy: what came in, where it went.
+
+    Made for each request (waitress's ``Task`` is the model), so that its
+    state travels as one object: the environ and start_response, the id,
+    the body, the instances tried and when it started.
+    """
+
+    __slots__ = (
+        "proxy",
+        "environ",
+        "start_response",
+        "started",
+        "request_id",
+        "method",
+        "idempotent",
+        "length",
+        "body",
+        "tried",
+    )
+
+    def __init__(self, proxy: Proxy, environ, start_response):
+        self.proxy = proxy
+        self.environ = environ
+        self.start_response = start_response
+        self.started = perf_counter()
         request_id = environ.get("HTTP_X_REQUEST_ID")
         if not request_id or len(request_id) > 200 or not request_id.isprintable():
             # Unique, not secret: no system call (os.urandom makes one).
             request_id = f"{getrandbits(128):032x}"
+        self.request_id = request_id
+        self.method = environ["REQUEST_METHOD"]
+        self.idempotent = (
+            self.method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
+        )
+        self.length = 0
+        self.body = NO_BODY
+        self.tried: list[Backend] = []
+
+    def run(self):
+        """The WSGI answer: the instance's, or one of the proxy's own."""
+        refusal = self.admit()
+        if refusal is not None:
+            return self.refuse(*refusal)
+        return self.forward()
+
+    def admit(self) -> tuple[int, str] | None:
+        """Check the request and read its body; why it cannot be forwarded
+        (a status and a message), or None."""
+        environ, proxy = self.environ, self.proxy
         problem = _host_problem(environ)
         if problem is not None:
-            return self.refuse(
-                environ, start_response, started, request_id, 400, problem
-            )
-        if self.trusted is not None:
+            return 400, problem
+        if proxy.trusted is not None:
             try:
-                self.trusted.rewrite(environ)
+                proxy.trusted.rewrite(environ)
             except ValueError as exc:  # a trusted header that cannot be applied
                 peer = environ.get("REMOTE_ADDR")
-                log.warning("request %s from %s: %s", request_id, peer, exc)
-                return self.refuse(
-                    environ, start_response, started, request_id, 400, str(exc)
-                )
+                log.warning("request %s from %s: %s", self.request_id, peer, exc)
+                return 400, str(exc)
         via = environ.get("HTTP_VIA")
-        if via and self._via_name in via_names(via):
-            log.warning("request %s came back to this dispatcher: a loop", request_id)
-            return self.refuse(
-                environ,
-                start_response,
-                started,
-                request_id,
-                508,
-                "this request went round in a loop",
+        if via and proxy.via_name in via_names(via):
+            log.warning(
+                "request %s came back to this dispatcher: a loop", self.request_id
             )
+            return 508, "this request went round in a loop"
         length = environ.get("CONTENT_LENGTH")
-        try:
-            length = int(length) if length else 0
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            return self.refuse(
-                environ,
-                start_response,
-                started,
-                request_id,
-                400,
-                "invalid Content-Length",
-            )
-        if length > self.max_body_size:
-            return self.refuse(
-                environ,
-                start_response,
-                started,
-                request_id,
-                413,
-                f"the request body is larger than {self.max_body_size} bytes",
-            )
-        try:
-            body = Body(environ["wsgi.input"], length) if length else NO_BODY
-        except ValueError as exc:
-            return self.refuse(
-                environ, start_response, started, request_id, 400, str(exc)
-            )
-        # Before the head is built: in insert mode it takes its cookie out.
-        pinned, pin = self.sticky.pinned(environ) if self.sticky else (None, None)
-        head = self.request_head(environ, request_id)
-        if length or environ["REQUEST_METHOD"] in ("POST", "PUT", "PATCH"):
-            head += b"Content-Length: %d\r\n" % length
-        head += b"\r\n"
-        return self.forward(
-            environ, start_response, started, head, body, request_id, pinned, pin
-        )
+        if length:
+            if not length.isdigit():
+                return 400, "invalid Content-Length"
+            self.length = int(length)
+        if self.length > proxy.max_body_size:
+            return 413, f"the request body is larger than {proxy.max_body_size} bytes"
+        if self.length:
+            try:
+                self.body = Body(environ["wsgi.input"], self.length)
+            except ShortBody as exc:
+                return 400, str(exc)
+        return None
 
     # -- forwarding and retries -----------------------------------------------
 
-    def forward(
-        self,
-        environ,
-        start_response,
-        started,
-        head,
-        body,
-        request_id,
-        pinned=None,
-        pin=None,
-    ):
-        """Send the request to an instance (``pinned`` first), retrying safely."""
-        method = environ["REQUEST_METHOD"]
-        idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
-        head_only = method == "HEAD"
-        cluster, choose = self.cluster, self.strategy.choose
-        self.budget.request()
-        tried: list[Backend] = []
+    def forward(self):
+        """Send the request to an instance (its pinned one first), retrying
+        on another while that cannot run it twice; the WSGI answer."""
+        proxy, environ = self.proxy, self.environ
+        # Before the head is built: in insert mode it takes its cookie out.
+        pinned, pin = proxy.sticky.pinned(environ) if proxy.sticky else (None, None)
+        head = proxy.request_head(environ, self.request_id)
+        if self.length or self.method in ("POST", "PUT", "PATCH"):
+            head += b"Content-Length: %d\r\n" % self.length
+        head += b"\r\n"
+        proxy.budget.request()
+        head_only = self.method == "HEAD"
         error: UpstreamError | None = None
-        reached = False  # whether any instance could be connected to
+        reached = False  # whether any instance may have had the request
         while True:
-            backend = pinned if pinned is not None and not tried else None
+            backend = self.choose(pinned)
             if backend is None:
-                backend = choose(environ, tried)
-                if backend is None:
-                    break
-            if tried:
-                backend.retries += 1
-            tried.append(backend)
-            backend.started()
-            response = None
-            sent = perf_counter()
+                break
             try:
-                response = exchange(backend.pool, head, body, head_only, idempotent)
+                with proxy.cluster.attempt(
+                    backend, retry=len(self.tried) > 1
+                ) as attempt:
+                    response = exchange(
+                        backend.pool, head, self.body, head_only, self.idempotent
+                    )
+                    return self.respond(attempt, response, pin)
             except UpstreamError as exc:
-                if response is not None:
-                    response.close()
-                backend.finished(0, perf_counter() - sent)
-                error = exc
-                reached = reached or exc.sent
-                if not isinstance(exc, ReadTimeout):
-                    cluster.failed(backend, str(exc))
+                error, reached = exc, reached or exc.sent
                 log.warning(
                     "request %s %s %s to instance %s failed: %s",
-                    request_id,
-                    method,
+                    self.request_id,
+                    self.method,
                     environ.get("PATH_INFO", ""),
                     backend.name,
                     exc,
                 )
-                if (
-                    isinstance(exc, ReadTimeout)
-                    or exc.received
-                    or (exc.sent and not idempotent)
-                    or len(tried) > self.retries
-                    or not body.rewind()
-                    or not self.budget.try_spend()
-                ):
+                if not self.may_retry(exc):
                     break
-                continue
-            except ValueError as exc:  # the client's body fell short
-                backend.finished(0, perf_counter() - sent)
-                return self.refuse(
-                    environ, start_response, started, request_id, 400, str(exc)
-                )
-            except BaseException:
-                if response is not None:
-                    response.close()
-                backend.finished(0, perf_counter() - sent)
-                raise
-            cookie = (
-                self.sticky.cookie_for(environ, backend, pin) if self.sticky else None
-            )
-            return self.respond(
-                environ,
-                start_response,
-                started,
-                sent,
-                backend,
-                response,
-                request_id,
-                cookie,
-            )
+            except ShortBody as exc:  # the client's body ended early
+                return self.refuse(400, str(exc))
         if error is None or not reached:
             return self.refuse(
-                environ,
-                start_response,
-                started,
-                request_id,
                 503,
                 "no instance is available to take the request",
-                [("Retry-After", self.retry_after)],
-                tried[-1] if tried else None,
+                [("Retry-After", proxy.retry_after)],
             )
-        return self.refuse(
-            environ,
-            start_response,
-            started,
-            request_id,
-            error.status,
-            str(error),
-            (),
-            tried[-1],
-        )
+        return self.refuse(error.status, str(error))
 
-    # -- the response ---------------------------------------------------------
-
-    def respond(
-        self,
-        environ,
-        start_response,
-        started: float,
-        sent: float,
-        backend: Backend,
-        response: Response,
-        request_id: str,
-        cookie: str | None = None,
-    ):
-        status = response.status
-        # An app's 503 is an answer it chose (overloaded, in maintenance),
-        # passed on with its Retry-After and not held against the instance:
-        # its readiness says when the instance as a whole is unavailable.
-        if status >= 500 and status != 503:
-            self.cluster.failed(backend, f"answered {status}")
+    def choose(self, pinned: Backend | None) -> Backend | None:
+        """The next instance to try (the pinned one first), or None."""
+        tried = self.tried
+        if pinned is not None and not tried:
+            backend = pinned
         else:
-            self.cluster.succeeded(backend)
-        headers = response.headers
-        headers.append(("Via", self.via))
-        if response.request_id is None:
-            headers.append(("X-Request-ID", request_id))
-        if cookie is not None:
-            headers.append(("Set-Cookie", cookie))
-            # A shared cache must not hand this client's pin to others.
-            if not any(name.lower() == "cache-control" for name, _ in headers):
-                headers.append(("Cache-Control", "private"))
-        reason = response.reason.decode("latin-1")
-        if not reason:
-            try:
-                reason = HTTPStatus(status).phrase
-            except ValueError:
-                reason = "Unknown"
-        start_response(f"{status} {reason}", headers)
-        small = response.arrived_whole()
-        if small is None:
-            return self._stream(
-                environ,
-                started,
-                sent,
-                backend,
-                response,
-                response.take_buffered(),
-                request_id,
-            )
-        response.release()
-        now = perf_counter()
-        backend.finished(status, now - sent)
-        if self.access_log.isEnabledFor(logging.INFO):
-            self.log_access(
-                environ, status, len(small), now - started, backend, request_id
-            )
-        return [small] if small else []
+            backend = self.proxy.strategy.choose(self.environ, tried)
+        if backend is not None:
+            tried.append(backend)
+        return backend
 
-    def _stream(
-        self, environ, started, sent, backend, response, first, request_id
-    ) -> Iterator[bytes]:
-        """The body as it arrives; the connection is released at the end."""
-        sent_bytes = 0
+    def may_retry(self, error: UpstreamError) -> bool:
+        """Whether to try another instance after ``error``. The retry budget
+        is spent last, once nothing else stands in the way."""
+        if len(self.tried) > self.proxy.retries:
+            return False
+        if not may_resend(error, self.idempotent):
+            return False
+        rewound = self.body.rewind()
+        if not rewound:
+            return False
+        return self.proxy.budget.try_spend()
+
+    # -- the answer -------------------------------------------------------------
+
+    def respond(self, attempt: Attempt, response: Response, pin: str | None):
+        """Pass the instance's answer on: whole if it came with its head,
+        else streamed as it comes."""
         try:
-            if first:
-                sent_bytes += len(first)
-                yield first
-            try:
-                for piece in response.stream():
-                    sent_bytes += len(piece)
-                    yield piece
-            except UpstreamError as exc:
-                log.warning(
-                    "request %s: instance %s failed mid-response: %s",
-                    request_id,
-                    backend.name,
-                    exc,
-                )
-                raise
-        finally:
-            response.release()
-            now = perf_counter()
-            backend.finished(response.status, now - sent)
-            if self.access_log.isEnabledFor(logging.INFO):
-                self.log_access(
-                    environ,
-                    response.status,
-                    sent_bytes,
-                    now - started,
-                    backend,
-                    request_id,
-                )
+            proxy, backend = self.proxy, attempt.backend
+            status = response.status
+            attempt.answered(status)
+            headers = response.headers
+            headers.append(("Via", proxy.via))
+            if response.request_id is None:
+                headers.append(("X-Request-ID", self.request_id))
+            if proxy.sticky is not None:
+                cookie = proxy.sticky.cookie_for(self.environ, backend, pin)
+                if cookie is not None:
+                    headers.append(("Set-Cookie", cookie))
+                    # A shared cache must not hand this client's pin to others.
+                    if not any(name.lower() == "cache-control" for name, _ in headers):
+                        headers.append(("Cache-Control", "private"))
+            reason = response.reason.decode("latin-1")
+            if not reason:
+                try:
+                    reason = HTTPStatus(status).phrase
+                except ValueError:
+                    reason = "Unknown"
+            self.start_response(f"{status} {reason}", headers)
+        except BaseException:
+            response.close()
+            raise
+        whole = response.arrived_whole()
+        if whole is None:
+            attempt.keep()
+            return Streamed(self, attempt, response)
+        response.release()
+        attempt.end()
+        self.log(status, len(whole), backend)
+        return [whole] if whole else []
 
-    # -- answers of its own, and the access log --------------------------------
-
-    def refuse(
-        self,
-        environ,
-        start_response,
-        started: float,
-        request_id: str,
-        status: int,
-        message: str,
-        headers=(),
-        backend: Backend | None = None,
-    ):
+    def refuse(self, status: int, message: str, headers=()):
         """Answer ``status`` without (a response from) an instance."""
-        body = error_response(start_response, status, message, headers)
-        elapsed = perf_counter() - started
-        with self._lock:
-            self.unrouted.add(status, elapsed)
-        if self.access_log.isEnabledFor(logging.INFO):
-            self.log_access(environ, status, len(body[0]), elapsed, backend, request_id)
+        body = error_response(self.start_response, status, message, headers)
+        proxy = self.proxy
+        with proxy.lock:
+            proxy.unrouted.add(status, perf_counter() - self.started)
+        self.log(status, len(body[0]), self.tried[-1] if self.tried else None)
         return body
 
-    def log_access(self, environ, status, size, elapsed, backend, request_id) -> None:
-        """One line per request. The path goes without its query string,
-        which can carry secrets (tokens, keys)."""
-        self.access_log.info(
-            '%s "%s %s" %d %d %.1fms %s %s',
-            environ.get("REMOTE_ADDR", "-"),
-            environ["REQUEST_METHOD"],
-            environ.get("PATH_INFO", ""),
-            status,
-            size,
-            elapsed * 1000,
-            backend.name if backend is not None else "-",
-            request_id,
-        )
+    def log(self, status: int, size: int, backend: Backend | None) -> None:
+        """One line of the access log. The path goes without its query
+        string, which can carry secrets (tokens, keys)."""
+        access_log = self.proxy.access_log
+        if access_log.isEnabledFor(logging.INFO):
+            environ = self.environ
+            access_log.info(
+                '%s "%s %s" %d %d %.1fms %s %s',
+                environ.get("REMOTE_ADDR", "-"),
+                self.method,
+                environ.get("PATH_INFO", ""),
+                status,
+                size,
+                (perf_counter() - self.started) * 1000,
+                backend.name if backend is not None else "-",
+                self.request_id,
+            )
+
+
+class Streamed:
+    """An answer's body, as it arrives from the instance.
+
+    Its ``close()``, which the WSGI server calls however the body ends,
+    gives the connection back to the pool (or closes it, when the body did
+    not end cleanly) and ends the attempt (httpcore's pooled byte stream is
+    the model): no way out forgets either.
+    """
+
+    __slots__ = ("task", "attempt", "response", "size")
+
+    def __init__(self, task: Task, attempt: Attempt, response: Response):
+        self.task = task
+        self.attempt = attempt
+        self.response = response
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        first = self.response.take_buffered()
+        if first:
+            self.size += len(first)
+            yield first
+        try:
+            for piece in self.response.stream():
+                self.size += len(piece)
+                yield piece
+        except UpstreamError as exc:
+            log.warning(
+                "request %s: instance %s failed mid-response: %s",
+                self.task.request_id,
+                self.attempt.backend.name,
+                exc,
+            )
+            raise
+
+    def close(self) -> None:
+        if self.attempt.ended:
+            return
+        self.response.release()
+        self.attempt.end()
+        self.task.log(self.response.status, self.size, self.attempt.backend)

@@ -23,10 +23,16 @@ from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
 class Sticky:
     """Reads (and in ``insert`` mode writes) the affinity cookie."""
 
-    def __init__(self, cluster: Cluster, name: str, secret: str, insert: bool = False):
+    def __init__(
+        self,
+        cluster: Cluster,
+        affinity_cookie: str,
+        affinity_secret: str,
+        insert: bool = False,
+    ):
         self.cluster = cluster
-        self.name = name
-        self.secret = secret
+        self.name = affinity_cookie
+        self.secret = affinity_secret
         self.insert = insert
         self._signed: dict[str, str] = {}  # instance id -> cookie value
 
@@ -49,7 +55,7 @@ class Sticky:
         if instance is None:
             return None, None
         backend = self.cluster.get(instance)
-        if backend is None or backend.state != UP or backend.ejected:
+        if backend is None or backend.state != UP or self.cluster.ejected(backend):
             return None, instance
         return backend, instance
 

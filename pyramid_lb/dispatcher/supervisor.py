@@ -6,11 +6,11 @@ in the terminal reaches only the dispatcher, which stops them in order. It
 cannot outlive the dispatcher: it asks the kernel for a signal when its
 parent dies, and watches its parent besides.
 
-Its output is copied to the dispatcher's, each line shown once: live,
-prefixed with its id. At the first start, until one instance is ready, only
-the first one's output is shown (copies of a broken app print the same
-error each); if one fails then, before any is ready, the app does not
-start, and the supervisor gives up instead of restarting it (``on_fatal``).
+Its output is copied to the dispatcher's as it comes, each line prefixed with
+its id. The first start is a canary: one instance, and the others once it is
+ready; if it fails before that, the app does not start (its error is on
+screen once), and the supervisor gives up instead of restarting it
+(``on_fatal``), as gunicorn does when a worker cannot boot.
 """
 
 from __future__ import annotations
@@ -30,16 +30,20 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import DOWN, FAILED, STARTING, UP, Backend, Cluster
 from pyramid_lb.dispatcher.operations import Operations
-from pyramid_lb.process import PORT_IN_USE
+from pyramid_lb.process import (
+    INSTANCE_ENV,
+    PARENT_ENV,
+    PORT_IN_USE,
+    TRUSTED_PROXIES_ENV,
+)
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
 #: Lines of an instance's output kept to explain why it failed.
 KEPT_LINES = 20
-#: Lines of an instance's output held back at the first start (see above).
-HELD_LINES = 500
 
 
 class Instance:
@@ -52,12 +56,10 @@ class Instance:
         self.backend = backend
         self.process: subprocess.Popen | None = None
         self.output: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
-        #: The thread copying its output (joined for its last words).
-        self.pump: threading.Thread | None = None
         self.started_at = 0.0
         #: When it exited or was killed unasked, for ``max_restarts``.
         self.crashes: collections.deque[float] = collections.deque()
-        self.failures = 0  # in a row, for the backoff
+        self.crashes_in_a_row = 0  # for the backoff
         self.restart_at: float | None = None
         self.restarts = 0
         self.failed = False
@@ -80,7 +82,8 @@ class Supervisor:
     def __init__(
         self,
         cluster: Cluster,
-        copies: int = 0,
+        checker: HealthChecker,
+        instances: int = 0,
         main_ini: str | None = None,
         ini_files: Iterable[str] = (),
         base_port: int = 6544,
@@ -89,25 +92,32 @@ class Supervisor:
         restart_window: float = 60.0,
         drain_timeout: float = 30.0,
         stop_timeout: float = 10.0,
-        fall: int = 3,
         backend_options: dict | None = None,
         out=None,
         operations: Operations | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        fixed_ports: bool = False,
     ):
         self.cluster = cluster
+        #: Asked whether an instance is hung, told when one is spawned.
+        self.checker = checker
         self.main_ini = main_ini
-        self.plan = [main_ini] * copies + list(ini_files)
+        self.plan = [main_ini] * instances + list(ini_files)
         self.base_port = base_port
+        #: Each instance keeps the port it was planned on, for a front whose
+        #: configuration names them (``--no-dispatcher``): one in use is an
+        #: error rather than a reason to move, and a replacement takes the
+        #: port over from the instance it replaces.
+        self.fixed_ports = fixed_ports
         self.startup_timeout = startup_timeout
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self.drain_timeout = drain_timeout
         self.stop_timeout = stop_timeout
-        self.fall = fall
         self.backend_options = backend_options or {}
         self._out = out or sys.stderr
-        self.instances: list[Instance] = []
+        #: The instances running or being started, in the order they came.
+        self.spawned: list[Instance] = []
         self._lock = threading.RLock()
         #: Rolling restarts, restarts and scaling, one at a time.
         self.operations = operations or Operations()
@@ -115,12 +125,10 @@ class Supervisor:
         #: restarted); without it, that is only logged.
         self.on_fatal = on_fatal
         self.boot_failure: str | None = None
-        # The first start: until an instance is ready, only the speaker's
-        # output is written; the others' is held (see the module docstring).
-        self._booting = False
-        self._speaker: Instance | None = None
-        self._held: dict[str, collections.deque[str]] = {}
-        self._out_lock = threading.Lock()
+        #: Whether an instance has been ready yet; until then the rest of the
+        #: plan waits.
+        self._booted = False
+        self._after_canary: list[str] = []
         self._numbers = collections.Counter()
         #: Ports found in use and said so (at start-up): not said again.
         self._told_in_use: set[int] = set()
@@ -146,24 +154,27 @@ class Supervisor:
                 f"instances: they need ports up to {last}, and the last TCP port "
                 "is 65535"
             )
-        self._booting = True
-        skipped: list[int] = []
-        for ini in self.plan:
-            instance = self._new_instance(ini, skipped)
-            if self._speaker is None:
-                self._speaker = instance
-            self._spawn(instance)
-        if skipped:
-            self._told_in_use.update(skipped)
-            log.info(
-                "ports %s are in use: the instances listen on %s",
-                _ports(skipped),
-                _ports(instance.port for instance in self.instances),
-            )
+        first, *self._after_canary = self.plan
+        self._spawn_all([first])
         self._monitor = threading.Thread(
             target=self._watch, name="pyramid_lb-supervisor", daemon=True
         )
         self._monitor.start()
+
+    def _spawn_all(self, inis: list[str]) -> None:
+        """Spawn an instance of each of ``inis``, telling once of ports in use."""
+        skipped: list[int] = []
+        started = [self._new_instance(ini, skipped) for ini in inis]
+        for instance in started:
+            self._spawn(instance)
+        news = [port for port in skipped if port not in self._told_in_use]
+        if news:
+            self._told_in_use.update(news)
+            log.info(
+                "ports %s are in use: the instances listen on %s",
+                _ports(news),
+                _ports(instance.port for instance in started),
+            )
 
     def planned(self) -> list[tuple[str, str, int]]:
         """``(id, ini, port)`` of the instances :meth:`start` spawns, where
@@ -190,7 +201,7 @@ class Supervisor:
                 **self.backend_options,
             )
             instance = Instance(backend.name, ini, port, backend)
-            self.instances.append(instance)
+            self.spawned.append(instance)
         news = [port for port in passed if port not in self._told_in_use]
         if skipped is None and news:
             self._told_in_use.update(news)
@@ -206,7 +217,7 @@ class Supervisor:
     def _free_port(self, skipped: list[int]) -> int:
         """The first port from ``base_port`` that no instance has and that is
         free; those in use on the way are added to ``skipped`` (once each)."""
-        taken = {instance.port for instance in self.instances}
+        taken = {instance.port for instance in self.spawned}
         port = self.base_port
         while True:
             if port > 65535:
@@ -214,7 +225,7 @@ class Supervisor:
                     f"no free port from base_port = {self.base_port} to 65535"
                 )
             if port not in taken:
-                if _bindable(port):
+                if self.fixed_ports or _bindable(port):
                     return port
                 if port not in skipped:
                     skipped.append(port)
@@ -224,13 +235,13 @@ class Supervisor:
         self._spawner.submit(self._start_process, instance).result()
 
     def _start_process(self, instance: Instance) -> None:
-        env = dict(
-            os.environ,
-            PYRAMID_LB_INSTANCE=instance.id,
-            PYRAMID_LB_TRUSTED_PROXIES="127.0.0.1 ::1",
-            PYRAMID_LB_PARENT=str(os.getpid()),
-            PYTHONUNBUFFERED="1",
-        )
+        env = {
+            **os.environ,
+            INSTANCE_ENV: instance.id,
+            TRUSTED_PROXIES_ENV: "127.0.0.1 ::1",
+            PARENT_ENV: str(os.getpid()),
+            "PYTHONUNBUFFERED": "1",
+        }
         argv = [
             sys.executable,
             "-m",
@@ -241,9 +252,7 @@ class Supervisor:
         instance.restart_at = None
         instance.started_at = time.monotonic()
         self.cluster.set_state(instance.backend, STARTING, "spawned")
-        backend = instance.backend
-        backend.passes = backend.fails = backend.live_fails = 0
-        backend.check_liveness = False  # from its first readiness on
+        self.checker.spawned(instance.backend)
         instance.output.clear()
         process = subprocess.Popen(
             argv,
@@ -261,82 +270,28 @@ class Supervisor:
             instance.port,
             instance.ini,
         )
-        instance.pump = threading.Thread(
+        threading.Thread(
             target=self._pump,
             args=(instance, process),
             name=f"pyramid_lb-output-{instance.id}",
             daemon=True,
-        )
-        instance.pump.start()
+        ).start()
 
     def _pump(self, instance: Instance, process: subprocess.Popen) -> None:
-        """Copy the instance's output to ours, each line prefixed with its id
-        (or hold it back, at the first start: see the module docstring)."""
+        """Copy the instance's output to ours, each line prefixed with its id."""
         prefix = f"{instance.id} | "
         for raw in process.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             instance.output.append(line)
-            with self._out_lock:  # a flush of held lines keeps its place
-                if self._booting and instance is not self._speaker:
-                    if self._ready_now():  # not waiting for the monitor's round
-                        self._end_boot()
-                if self._booting and instance is not self._speaker:
-                    held = self._held.get(instance.id)
-                    if held is None:
-                        held = self._held[instance.id] = collections.deque(
-                            maxlen=HELD_LINES
-                        )
-                    held.append(prefix + line)
-                else:
-                    self._write(prefix + line)
+            try:
+                self._out.write(prefix + line + "\n")
+                self._out.flush()
+            except (OSError, ValueError):  # our own output is gone
+                pass
         process.stdout.close()
 
-    def _write(self, line: str) -> None:
-        try:
-            self._out.write(line + "\n")
-            self._out.flush()
-        except (OSError, ValueError):  # our own output is gone
-            pass
-
-    def _ready_now(self) -> bool:
-        """Whether the first start is over: an instance is ready, and the
-        app did not fail to start meanwhile."""
-        return self.boot_failure is None and any(
-            i.backend.state == UP for i in self.instances
-        )
-
-    def _end_boot(self) -> None:
-        """The first start is over: show what was held (``_out_lock`` held)."""
-        if not self._booting:
-            return
-        self._booting = False
-        held, self._held = self._held, {}
-        for lines in held.values():
-            for line in lines:
-                self._write(line)
-
     def _boot_failed(self, instance: Instance, why: str) -> None:
-        """``instance`` failed before any was ready: the app does not start.
-
-        Nothing is restarted, and the others' output stays held for good: it
-        is the same error again (or what SIGTERM makes them say).
-        """
-        speaker = self._speaker
-        if instance is not speaker and speaker is not None and speaker.process:
-            # Copies of one app fail alike, and the speaker's output is on
-            # screen already: if it fails too, it is the one to tell of.
-            try:
-                code = speaker.process.wait(1)
-            except subprocess.TimeoutExpired:
-                code = None
-            if code is not None:
-                instance, why = speaker, f"exited with code {code}"
-        if instance.pump is not None:
-            instance.pump.join(2)  # its last words first
-        with self._out_lock:
-            for line in self._held.pop(instance.id, ()):
-                self._write(line)
-            self._speaker = instance
+        """The canary failed before it was ready: the app does not start."""
         instance.failed = True
         self.cluster.set_state(instance.backend, FAILED, why)
         said = "its output is above" if instance.output else "it printed nothing"
@@ -362,10 +317,10 @@ class Supervisor:
     def check(self) -> None:
         """One round of supervision: crashes, restarts, start-up, liveness."""
         now = time.monotonic()
-        if self._booting and self._ready_now():
-            with self._out_lock:
-                self._end_boot()
-        for instance in list(self.instances):
+        if not self._booted and any(i.backend.state == UP for i in self.spawned):
+            self._booted = True
+            self._spawn_all(self._after_canary)
+        for instance in list(self.spawned):
             if self.boot_failure is not None:
                 return
             if instance.managed or instance.failed:
@@ -379,17 +334,16 @@ class Supervisor:
             code = instance.process.poll()
             if code is not None:
                 if not self._moved(instance):
-                    self._crashed(instance, f"exited with code {code}")
-            elif backend.state != STARTING and backend.live_fails >= self.fall:
+                    self._crashed(instance, self._exit_reason(instance))
+            elif backend.state != STARTING and self.checker.hung(backend):
                 self._kill(instance)
                 self._crashed(
                     instance,
-                    f"hung: its liveness check failed {backend.live_fails} times "
+                    f"hung: its liveness check failed {self.checker.fall} times "
                     "in a row; killed",
                 )
             elif backend.state == UP:
-                instance.failures = 0  # it made it: the backoff starts over
-                backend.check_liveness = True
+                instance.crashes_in_a_row = 0  # it made it: the backoff starts over
             elif (
                 backend.state == STARTING
                 and now - instance.started_at > self.startup_timeout
@@ -398,7 +352,7 @@ class Supervisor:
                 self._crashed(
                     instance,
                     f"not ready after {self.startup_timeout:g}s "
-                    f"(last check: {_last_check(backend)}); killed",
+                    f"(last check: {_last_check(self.checker, backend)}); killed",
                 )
 
     def _moved(self, instance: Instance) -> bool:
@@ -406,7 +360,7 @@ class Supervisor:
         found free (by another program, or another supervisor starting at the
         same time); then it is started again on another port at once. That
         is no crash of the app: nothing is counted against it."""
-        if instance.process.returncode != PORT_IN_USE:
+        if instance.process.returncode != PORT_IN_USE or self.fixed_ports:
             return False
         with self._lock:
             port = self._free_port([])
@@ -417,20 +371,29 @@ class Supervisor:
             port,
         )
         instance.port = port
-        instance.backend.move(port)
+        self.cluster.move(instance.backend, port)
         self._spawn(instance)
         return True
+
+    def _exit_reason(self, instance: Instance) -> str:
+        code = instance.process.returncode
+        if code == PORT_IN_USE:
+            return (
+                f"could not listen: port {instance.port} is in use by another "
+                "program (the front's configuration sends requests there)"
+            )
+        return f"exited with code {code}"
 
     def _crashed(self, instance: Instance, why: str) -> None:
         """Take a failed instance out, then restart it later or give up.
 
         Its output was shown as it came, so it is not repeated here.
         """
-        if self._booting:
+        if not self._booted:
             self._boot_failed(instance, why)
             return
         now = time.monotonic()
-        instance.backend.check_liveness = False
+        self.checker.forget(instance.backend)
         self.cluster.set_state(instance.backend, DOWN, why)
         crashes = instance.crashes
         crashes.append(now)
@@ -447,11 +410,11 @@ class Supervisor:
                 self.restart_window,
             )
             return
-        instance.failures += 1
+        instance.crashes_in_a_row += 1
         # Exponential backoff with jitter, so a crashing app is not restarted
         # in a tight loop and instances crashing together do not restart in
         # step.
-        delay = min(0.5 * 2 ** (instance.failures - 1), 30.0)
+        delay = min(0.5 * 2 ** (instance.crashes_in_a_row - 1), 30.0)
         delay *= random.uniform(0.75, 1.25)
         instance.restart_at = now + delay
         log.warning("instance %s %s; restarting it in %.1fs", instance.id, why, delay)
@@ -485,7 +448,7 @@ class Supervisor:
         """Drain ``instance``, then stop it and take it out of the cluster."""
         instance.managed = True
         backend = instance.backend
-        backend.check_liveness = False
+        self.checker.forget(backend)
         self.cluster.hold(backend)
         deadline = time.monotonic() + self.drain_timeout
         while backend.in_flight and time.monotonic() < deadline:
@@ -500,8 +463,8 @@ class Supervisor:
         self._terminate(instance)
         self.cluster.remove(backend)
         with self._lock:
-            if instance in self.instances:
-                self.instances.remove(instance)
+            if instance in self.spawned:
+                self.spawned.remove(instance)
         log.info("instance %s: stopped", instance.id)
 
     def stop(self) -> None:
@@ -512,7 +475,7 @@ class Supervisor:
             and self._monitor is not threading.current_thread()
         ):
             self._monitor.join(2)
-        instances = list(self.instances)
+        instances = list(self.spawned)
         for instance in instances:
             instance.managed = True
             self.cluster.hold(instance.backend)
@@ -548,15 +511,15 @@ class Supervisor:
         return self.operations.run("rolling restart", self._roll, background)
 
     def _roll(self) -> bool:
-        for old in list(self.instances):
-            if old in self.instances and not self._replace(old, "rolling restart"):
+        for old in list(self.spawned):
+            if old in self.spawned and not self._replace(old, "rolling restart"):
                 return False
         return True
 
     def restart(self, instance_id: str, background: bool = False) -> bool | None:
         """Replace one instance the way a rolling restart does (and raise
         Busy the same way); LookupError if there is no such instance."""
-        instance = next((i for i in self.instances if i.id == instance_id), None)
+        instance = next((i for i in self.spawned if i.id == instance_id), None)
         if instance is None:
             raise LookupError(f"no spawned instance {instance_id!r}")
         what = f"restart of {instance_id}"
@@ -570,6 +533,9 @@ class Supervisor:
         return self.operations.running is not None
 
     def _replace(self, old: Instance, what: str) -> bool:
+        if self.fixed_ports:
+            # The front knows this port only: the new instance takes it over.
+            self.retire(old)
         new = self._new_instance(old.ini)
         new.managed = True
         self._spawn(new)
@@ -585,7 +551,8 @@ class Supervisor:
             )
             return False
         new.managed = False
-        self.retire(old)
+        if not self.fixed_ports:
+            self.retire(old)
         log.info("instance %s replaced by %s", old.id, new.id)
         return True
 
@@ -594,11 +561,11 @@ class Supervisor:
         deadline = instance.started_at + self.startup_timeout
         while instance.backend.state != UP:
             if instance.process.poll() is not None and not self._moved(instance):
-                return f"exited with code {instance.process.returncode}"
+                return self._exit_reason(instance)
             if time.monotonic() > deadline:
                 return (
                     f"was not ready after {self.startup_timeout:g}s "
-                    f"(last check: {_last_check(instance.backend)})"
+                    f"(last check: {_last_check(self.checker, instance.backend)})"
                 )
             time.sleep(0.05)
         return None
@@ -617,7 +584,7 @@ class Supervisor:
             raise ValueError("the number of instances cannot be negative")
         self.operations.claim(f"scale to {count}")
         try:
-            copies = [i for i in self.instances if i.ini == self.main_ini]
+            copies = [i for i in self.spawned if i.ini == self.main_ini]
             change = count - len(copies)
             started = [self._new_instance(self.main_ini) for _ in range(change)]
             for instance in started:
@@ -671,7 +638,7 @@ class Supervisor:
                 "restarts": instance.restarts,
                 "failed": instance.failed,
             }
-            for instance in list(self.instances)
+            for instance in list(self.spawned)
         ]
 
 
@@ -682,8 +649,9 @@ def _next_id(numbers: collections.Counter, ini: str) -> str:
     return f"{stem}-{numbers[stem]}"
 
 
-def _last_check(backend: Backend) -> str:
-    return backend.last_check[2] if backend.last_check else "none yet"
+def _last_check(checker: HealthChecker, backend: Backend) -> str:
+    last = checker.last_check(backend)
+    return last[2] if last else "none yet"
 
 
 def _ports(ports: Iterable[int]) -> str:

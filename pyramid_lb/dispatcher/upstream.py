@@ -28,34 +28,45 @@ MAX_HEAD = 65536
 _GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN))
 
 
+#: Where an exchange was when it failed.
+CONNECT = "connect"  # no byte of the request went out
+SEND = "send"  # the request was going out: the instance may have it
+HEAD = "head"  # the request is out; the answer's head did not come whole
+BODY = "body"  # the answer was coming: its head, maybe some of its body
+
+
 class UpstreamError(Exception):
-    """An exchange with an instance failed.
+    """An exchange with an instance failed, in ``phase`` (one of the above).
 
     ``sent`` says whether the request may have reached the instance (so a
-    non-idempotent request must not be sent again); ``received`` whether
-    any byte of the response arrived.
+    non-idempotent one must not go out again), ``received`` whether any
+    byte of an answer came back; both follow from where it failed.
     """
 
-    sent = True
-    received = False
     status = 502
 
-    def __init__(self, message: str, *, sent: bool | None = None):
+    def __init__(self, message: str, phase: str, received: bool = False):
         super().__init__(message)
-        if sent is not None:
-            self.sent = sent
+        self.phase = phase
+        self.received = received or phase == BODY
+
+    @property
+    def sent(self) -> bool:
+        return self.phase != CONNECT
 
 
 class ConnectFailed(UpstreamError):
     """No connection could be made: the request was never sent."""
 
-    sent = False
+    def __init__(self, message: str):
+        super().__init__(message, CONNECT)
 
 
 class StaleConnection(UpstreamError):
     """A pooled connection turned out closed before the request went out."""
 
-    sent = False
+    def __init__(self, message: str = "pooled connection was closed"):
+        super().__init__(message, CONNECT)
 
 
 class ReadTimeout(UpstreamError):
@@ -65,7 +76,27 @@ class ReadTimeout(UpstreamError):
 class BadResponse(UpstreamError):
     """The instance answered something that is not valid HTTP/1.1."""
 
-    received = True
+    def __init__(self, message: str, phase: str = HEAD):
+        super().__init__(message, phase, received=True)
+
+
+class ShortBody(Exception):
+    """The client's body ended before its Content-Length: the client's fault."""
+
+    def __init__(self):
+        super().__init__("the request body is shorter than its Content-Length")
+
+
+def may_resend(error: UpstreamError, idempotent: bool) -> bool:
+    """Whether a request whose exchange failed with ``error`` may go out again.
+
+    Never once some of an answer came, nor after a timeout (a slow instance
+    may still be running it, and would only get slower); otherwise when it
+    never went out, or when running it twice does no harm (``idempotent``).
+    """
+    if error.received or isinstance(error, ReadTimeout):
+        return False
+    return idempotent or not error.sent
 
 
 def _is_closed(sock: socket.socket) -> bool:
@@ -89,13 +120,8 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", micro // 1_000_000, micro % 1_000_000)
 
 
-def _midway(error: UpstreamError) -> UpstreamError:
-    error.received = True
-    return error
-
-
 class Pool:
-    """Idle keep-alive connections to one instance, at most ``max_idle``.
+    """Idle keep-alive connections to one instance, at most ``pool_size``.
 
     Connections are taken and given back from any thread; ``list.pop`` and
     ``list.append`` are atomic, so no lock is needed. The most recently used
@@ -106,12 +132,12 @@ class Pool:
         self,
         host: str,
         port: int,
-        max_idle: int = 32,
+        pool_size: int = 32,
         connect_timeout: float = 2.0,
         read_timeout: float = 60.0,
     ):
         self.address = (host, port)
-        self.max_idle = max_idle
+        self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._timeval = _timeval(read_timeout)
@@ -160,7 +186,7 @@ class Pool:
             return sock, True
 
     def give_back(self, sock: socket.socket) -> None:
-        if len(self._idle) < self.max_idle and not self.closed:
+        if len(self._idle) < self.pool_size and not self.closed:
             self._idle.append(sock)
         else:
             sock.close()
@@ -398,24 +424,22 @@ class Response:
             try:
                 data = recv(RECV_SIZE)
             except BlockingIOError:  # SO_RCVTIMEO expired
-                error = ReadTimeout("the instance stopped sending its body")
-                raise _midway(error) from None
+                raise ReadTimeout(
+                    "the instance stopped sending its body", BODY
+                ) from None
             except OSError as exc:
-                error = UpstreamError(f"reading the body failed: {exc}")
-                raise _midway(error) from None
+                raise UpstreamError(f"reading the body failed: {exc}", BODY) from None
             if not data:
                 if self.until_close:
                     parsed.complete = True
                     break
-                raise _midway(
-                    UpstreamError("the instance closed the connection mid-body")
-                )
+                raise UpstreamError("the instance closed the connection mid-body", BODY)
             try:
                 feed(data)
             except Exception as exc:  # the parser's (see _exchange_on)
                 if not parsed.complete:
-                    error = BadResponse(f"invalid response body: {exc}")
-                    raise _midway(error) from None
+                    error = BadResponse(f"invalid response body: {exc}", BODY)
+                    raise error from None
                 self.keep_alive = False  # bytes after the body
             if chunks:
                 body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -455,7 +479,7 @@ class Body:
         if length <= SMALL_BODY:
             self.data = source.read(length) if length else b""
             if len(self.data) != length:
-                raise ValueError("the request body is shorter than its Content-Length")
+                raise ShortBody
         else:
             self.file = source
             try:
@@ -469,7 +493,7 @@ class Body:
         while left > 0:
             chunk = read(min(BODY_CHUNK, left))
             if not chunk:
-                raise ValueError("the request body is shorter than its Content-Length")
+                raise ShortBody
             sock.sendall(chunk)
             left -= len(chunk)
 
@@ -506,13 +530,10 @@ def exchange(
         return _exchange_on(pool, sock, reused, head, body, head_only)
     except UpstreamError as exc:
         sock.close()
-        if (
-            not reused
-            or exc.received
-            or isinstance(exc, ReadTimeout)
-            or (exc.sent and not replayable)
-            or not body.rewind()
-        ):
+        if not (reused and may_resend(exc, replayable)):
+            raise
+        rewound = body.rewind()
+        if not rewound:
             raise
         pool.clear()  # the instance closed one: the others are likely gone too
     except BaseException:
@@ -537,17 +558,17 @@ def _exchange_on(pool, sock, reused, head, body, head_only) -> Response:
         sent = sock.send(first)
     except OSError as exc:
         if reused and exc.errno in _GONE:
-            raise StaleConnection("pooled connection was closed") from None
-        raise UpstreamError(f"sending the request failed: {exc}", sent=False) from None
+            raise StaleConnection from None
+        raise UpstreamError(f"sending the request failed: {exc}", CONNECT) from None
     try:
         if sent < len(first):  # SO_SNDTIMEO expired partway
             sock.sendall(first[sent:])
         if body.file is not None:
             body.send_file(sock)
     except BlockingIOError:  # SO_SNDTIMEO expired
-        raise UpstreamError("sending the request timed out") from None
+        raise UpstreamError("sending the request timed out", SEND) from None
     except OSError as exc:
-        raise UpstreamError(f"sending the request failed: {exc}") from None
+        raise UpstreamError(f"sending the request failed: {exc}", SEND) from None
     parsed = _Parsed()
     feed = parsed.parser.feed_data
     received = 0
@@ -555,21 +576,21 @@ def _exchange_on(pool, sock, reused, head, body, head_only) -> Response:
         try:
             data = sock.recv(RECV_SIZE)
         except BlockingIOError:  # SO_RCVTIMEO expired
-            error = ReadTimeout(f"no response within {pool.read_timeout:g}s")
-            error.received = received > 0
-            raise error from None
+            raise ReadTimeout(
+                f"no response within {pool.read_timeout:g}s", HEAD, received > 0
+            ) from None
         except OSError as exc:
-            error = UpstreamError(f"reading the response failed: {exc}")
-            error.received = received > 0
-            raise error from None
+            raise UpstreamError(
+                f"reading the response failed: {exc}", HEAD, received > 0
+            ) from None
         if not data:
-            error = UpstreamError(
-                "the instance closed the connection without a response"
-                if not received
-                else "the instance closed the connection mid-response"
+            raise UpstreamError(
+                "the instance closed the connection mid-response"
+                if received
+                else "the instance closed the connection without a response",
+                HEAD,
+                received > 0,
             )
-            error.received = received > 0
-            raise error
         received += len(data)
         try:
             feed(data)

@@ -55,16 +55,40 @@ http_port = 6543
 """
 
 
-def free_base_port(count: int = 12) -> int:
+def _own_ports() -> range:
+    """Ports for this test process to pick from: below the range the kernel
+    hands out to outgoing connections (so that no client socket takes one
+    between the pick and the bind), a slice of it per xdist worker."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            ephemeral = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 10000
+    size = (ephemeral - low) // max(workers, 1)
+    return range(low + index * size, low + (index + 1) * size)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` right now, out of the way of client sockets."""
+    return free_base_port(1, host)
+
+
+def free_base_port(count: int = 12, host: str = "127.0.0.1") -> int:
     """The first of ``count`` ports in a row that are free right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ports = _own_ports()
     for _ in range(200):
-        base = random.randrange(20000, 60000)
+        base = random.randrange(ports.start, ports.stop - count)
         sockets = []
         try:
             for port in range(base, base + count):
-                sock = socket.socket()
+                sock = socket.socket(family)
                 sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
+                sock.bind((host, port))
             return base
         except OSError:
             continue

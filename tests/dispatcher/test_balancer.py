@@ -60,7 +60,7 @@ def _seeded_p2c(cluster):
 
 
 def _hash_keyed(cluster):
-    return ConsistentHash(cluster, key="header:X-Key")
+    return ConsistentHash(cluster, hash_key="header:X-Key")
 
 
 ALL = [
@@ -388,7 +388,7 @@ def placement(strategy, environs):
 
 
 def test_hash_same_key_same_backend():
-    strategy = ConsistentHash(Cluster(backends(*"abcde")), key="header:X-Key")
+    strategy = ConsistentHash(Cluster(backends(*"abcde")), hash_key="header:X-Key")
     environs = keyed(200)
     first = placement(strategy, environs)
     assert placement(strategy, environs) == first
@@ -397,7 +397,7 @@ def test_hash_same_key_same_backend():
 
 def test_hash_spreads_keys_evenly_enough():
     members = backends(*"abcde")
-    strategy = ConsistentHash(Cluster(members), key="header:X-Key")
+    strategy = ConsistentHash(Cluster(members), hash_key="header:X-Key")
     shares = collections.Counter(placement(strategy, keyed()))
     assert all(250 <= shares[b] <= 550 for b in members), shares
 
@@ -405,7 +405,7 @@ def test_hash_spreads_keys_evenly_enough():
 def test_hash_removing_one_moves_only_its_keys():
     members = backends(*"abcde")
     cluster = Cluster(members)
-    strategy = ConsistentHash(cluster, key="header:X-Key")
+    strategy = ConsistentHash(cluster, hash_key="header:X-Key")
     environs = keyed()
     before = placement(strategy, environs)  # the ring is built and cached
     gone = members[2]
@@ -421,7 +421,7 @@ def test_hash_removing_one_moves_only_its_keys():
 def test_hash_adding_one_moves_about_one_in_n_plus_one():
     members = backends(*"abcde")
     cluster = Cluster(members[:4])
-    strategy = ConsistentHash(cluster, key="header:X-Key")
+    strategy = ConsistentHash(cluster, hash_key="header:X-Key")
     environs = keyed()
     before = placement(strategy, environs)
     cluster.add(members[4])
@@ -434,7 +434,7 @@ def test_hash_adding_one_moves_about_one_in_n_plus_one():
 def test_hash_down_backend_keys_go_elsewhere_and_come_back():
     members = backends(*"abcd")
     cluster = Cluster(members)
-    strategy = ConsistentHash(cluster, key="header:X-Key")
+    strategy = ConsistentHash(cluster, hash_key="header:X-Key")
     environs = keyed(500)
     before = placement(strategy, environs)
     down = members[1]
@@ -449,7 +449,7 @@ def test_hash_down_backend_keys_go_elsewhere_and_come_back():
 def test_hash_tried_goes_to_the_next_on_the_ring():
     members = backends(*"abcd")
     cluster = Cluster(members)
-    strategy = ConsistentHash(cluster, key="header:X-Key")
+    strategy = ConsistentHash(cluster, hash_key="header:X-Key")
     environs = keyed(100)
     home = placement(strategy, environs)
     for environ, backend in zip(environs, home, strict=True):
@@ -462,7 +462,7 @@ def test_hash_tried_goes_to_the_next_on_the_ring():
 def test_hash_follows_a_weight_change():
     a, b, c = members = backends("a", "b", "c")
     cluster = Cluster(members)
-    strategy = ConsistentHash(cluster, key="header:X-Key")
+    strategy = ConsistentHash(cluster, hash_key="header:X-Key")
     environs = keyed()
     before = collections.Counter(placement(strategy, environs))
     cluster.set_weight(a, 3)
@@ -473,7 +473,7 @@ def test_hash_follows_a_weight_change():
 def test_hash_builds_again_after_a_change_during_the_build():
     a, b, late = backends("a", "b", "late")
     cluster = Cluster([a, b])
-    strategy = ConsistentHash(cluster, key="header:X-Key")
+    strategy = ConsistentHash(cluster, hash_key="header:X-Key")
 
     class AddsWhileRead(list):
         """Another thread adds an instance while the ring is built."""
@@ -493,7 +493,7 @@ def test_hash_builds_again_after_a_change_during_the_build():
 
 def test_hash_ring_is_built_once_per_version():
     cluster = Cluster(backends("a", "b"))
-    strategy = ConsistentHash(cluster, key="header:X-Key")
+    strategy = ConsistentHash(cluster, hash_key="header:X-Key")
     strategy.choose(KEYED)
     ring = strategy._ring
     strategy.choose(KEYED)
@@ -517,7 +517,7 @@ def test_hash_ring_is_built_once_per_version():
 def test_hash_bounded_loads(home_in_flight, moves):
     members = backends("a", "b", "c")
     cluster = Cluster(members)
-    strategy = ConsistentHash(cluster, key="header:X-Key", balance=1.25)
+    strategy = ConsistentHash(cluster, hash_key="header:X-Key", hash_balance=1.25)
     home = strategy.choose(KEYED)
     cluster.hold(home)
     next_on_ring = strategy.choose(KEYED)
@@ -531,7 +531,7 @@ def test_hash_bounded_loads(home_in_flight, moves):
 
 def test_hash_keeps_a_key_home_however_loaded_by_default():
     members = backends("a", "b", "c")
-    strategy = ConsistentHash(Cluster(members), key="header:X-Key")
+    strategy = ConsistentHash(Cluster(members), hash_key="header:X-Key")
     home = strategy.choose(KEYED)
     for backend in members:
         backend.in_flight = 0
@@ -542,7 +542,9 @@ def test_hash_keeps_a_key_home_however_loaded_by_default():
 def test_hash_takes_the_least_loaded_when_all_are_over_the_bound():
     a, b, c = members = backends("a", "b", "c")
     a.in_flight, b.in_flight, c.in_flight = 3, 2, 3
-    strategy = ConsistentHash(Cluster(members), key="header:X-Key", balance=0.5)
+    strategy = ConsistentHash(
+        Cluster(members), hash_key="header:X-Key", hash_balance=0.5
+    )
     assert placement(strategy, keyed(50)) == [b] * 50
 
 
@@ -555,13 +557,13 @@ def test_hash_takes_the_least_loaded_when_all_are_over_the_bound():
 )
 def test_hash_without_a_key_is_round_robin(environ):
     members = backends("a", "b", "c")
-    strategy = ConsistentHash(Cluster(members), key="header:X-Key")
+    strategy = ConsistentHash(Cluster(members), hash_key="header:X-Key")
     assert picks(strategy, 9, environ) == members * 3
 
 
 def test_hash_key_may_hold_any_character():
     members = backends("a", "b")
-    strategy = ConsistentHash(Cluster(members), key="header:X-Key")
+    strategy = ConsistentHash(Cluster(members), hash_key="header:X-Key")
     assert strategy.choose({"HTTP_X_KEY": "caf\xe9 \ud800"}) in members
 
 
@@ -593,7 +595,7 @@ def test_make_strategy_knows_every_listed_name():
 
 def test_make_strategy_passes_options():
     cluster = Cluster(backends("a", "b"))
-    hashed = make_strategy("hash", cluster, key="path", balance=2.0)
+    hashed = make_strategy("hash", cluster, hash_key="path", hash_balance=2.0)
     assert hashed.balance == 2.0
     assert hashed.key({"PATH_INFO": "/x"}) == "/x"
     rng = random.Random(5)
@@ -602,7 +604,7 @@ def test_make_strategy_passes_options():
 
 def test_make_strategy_rejects_an_option_the_strategy_does_not_take():
     with pytest.raises(TypeError):
-        make_strategy("round_robin", Cluster(), key="path")
+        make_strategy("round_robin", Cluster(), hash_key="path")
 
 
 def test_make_strategy_rejects_an_unknown_name():

@@ -2,7 +2,6 @@
 
 import logging
 import re
-import time
 
 import pytest
 
@@ -16,16 +15,13 @@ from pyramid_lb.dispatcher.cluster import (
     Cluster,
     parse_backend_url,
 )
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
+from pyramid_lb.dispatcher.upstream import (
+    HEAD,
+    ConnectFailed,
+    ReadTimeout,
+    UpstreamError,
+)
+from tests.clock import Clock
 
 
 class FakeSocket:
@@ -105,19 +101,48 @@ def test_backend_defaults():
     assert repr(backend) == "<Backend 127.0.0.1:6544 http://127.0.0.1:6544 up>"
 
 
-def test_backend_counts_requests_in_flight():
+def test_attempts_count_requests_in_flight_and_end_once():
     backend = Backend("http://127.0.0.1:9")
-    backend.started()
-    backend.started()
-    backend.finished()
-    assert (backend.in_flight, backend.requests) == (1, 2)
+    cluster = Cluster([backend])
+    first = cluster.attempt(backend)
+    with cluster.attempt(backend, retry=True):
+        assert (backend.in_flight, backend.requests, backend.retries) == (2, 2, 1)
+    assert backend.in_flight == 1
+    first.answered(200)
+    first.end()
+    first.end()
+    assert backend.in_flight == 0
+    assert backend.tally.classes[2] == 1  # one 2xx; the other ended unanswered
 
 
-def test_backend_ejected():
+def test_an_attempt_failing_counts_against_the_instance_but_a_timeout():
     backend = Backend("http://127.0.0.1:9")
-    assert not backend.ejected
-    backend.ejected_until = time.monotonic() + 60
-    assert backend.ejected
+    cluster = Cluster([backend], eject_after=2)
+    for error in (ConnectFailed("refused"), ReadTimeout("slow", HEAD)):
+        with pytest.raises(UpstreamError), cluster.attempt(backend):
+            raise error
+    assert (backend.errors, backend.errors_in_a_row, backend.in_flight) == (1, 1, 0)
+
+
+def test_a_kept_attempt_ends_only_when_told():
+    backend = Backend("http://127.0.0.1:9")
+    cluster = Cluster([backend])
+    with cluster.attempt(backend) as attempt:
+        attempt.answered(200)
+        attempt.keep()
+    assert backend.in_flight == 1
+    attempt.end()
+    assert backend.in_flight == 0
+
+
+def test_ejected_by_the_clusters_clock(clock):
+    backend = Backend("http://127.0.0.1:9")
+    cluster = Cluster([backend], clock=clock)
+    assert not cluster.ejected(backend)
+    backend.ejected_until = clock.now + 60
+    assert cluster.ejected(backend)
+    clock.now += 61
+    assert not cluster.ejected(backend)
 
 
 # -- candidates ----------------------------------------------------------------
@@ -305,11 +330,11 @@ def test_ejected_after_eject_after_failures_in_a_row(clock, caplog):
     sock = pooled(a)
     fail(cluster, a, 2)
     assert cluster.candidates() == (a, b)
-    assert a.failures == 2
+    assert a.errors_in_a_row == 2
     fail(cluster, a, 1)
     assert cluster.candidates() == (b,)
     assert a.ejected_until == clock.now + 5
-    assert (a.failures, a.ejections, a.errors) == (0, 1, 3)
+    assert (a.errors_in_a_row, a.ejections, a.errors) == (0, 1, 3)
     assert sock.closed
     assert messages(caplog) == [
         "instance a ejected for 5s after 3 failures in a row (last: connection refused)"
@@ -321,7 +346,7 @@ def test_success_resets_the_failures_in_a_row(clock):
     cluster = Cluster(members, eject_after=3, clock=clock)
     fail(cluster, a, 2)
     cluster.succeeded(a)
-    assert a.failures == 0
+    assert a.errors_in_a_row == 0
     fail(cluster, a, 2)
     assert cluster.candidates() == (a, b)
     cluster.succeeded(a)

@@ -5,7 +5,8 @@ from paste.deploy import loadapp
 
 from pyramid_lb.dispatcher import Dispatcher, main
 from pyramid_lb.dispatcher.balancer import ConsistentHash, WeightedRoundRobin
-from pyramid_lb.settings import SettingsError, parse_dispatcher
+from pyramid_lb.dispatcher.config import parse_dispatcher
+from pyramid_lb.settings import SettingsError
 from tests.processes import BIN
 
 
@@ -114,9 +115,9 @@ def test_sizes_and_ratios():
     values = parse_dispatcher(
         {"max_body_size": "100M", "retry_budget": "25%", "hash_balance": "2"}
     )
-    assert values["max_body_size"] == 100 << 20
-    assert values["retry_budget"] == 0.25
-    assert values["hash_balance"] == 2.0
+    assert values.max_body_size == 100 << 20
+    assert values.retry_budget == 0.25
+    assert values.hash_balance == 2.0
 
 
 def test_bad_key_stops_pserve_with_one_clear_line(processes, tmp_path):

@@ -10,8 +10,8 @@ import time
 import pytest
 import requests
 
-from pyramid_lb.dispatcher.instance import listen_host, listen_problem
 from pyramid_lb.process import PORT_IN_USE
+from tests.dispatcher.site import free_port
 from tests.processes import ROOT, get, wait_until
 
 RUNNER = [sys.executable, "-m", "pyramid_lb.dispatcher.instance"]
@@ -39,13 +39,6 @@ pyramid_lb.check_timeout = soon
 use = egg:waitress#main
 listen = 127.0.0.1:%(http_port)s
 """
-
-
-def free_port(host: str = "") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def fetch(process, url, **kw) -> requests.Response:
@@ -164,7 +157,7 @@ def test_another_server_gets_the_port_through_http_port(processes):
     process, url = start(processes, FIXTURES / "instance_other_server.ini")
     assert get(url).json()["pid"] == process.pid
     process.signal(signal.SIGTERM)
-    assert process.wait(timeout=5) == 0
+    assert process.wait(timeout=15) == 0
     assert "is not waitress: it listens where http_port" in process.output()
 
 
@@ -172,8 +165,8 @@ def test_sigterm_stops_at_once_despite_drain_on_sigterm(processes):
     process, url = start(processes, ROOT / "production.ini")  # drain_on_sigterm=10
     started = time.monotonic()
     process.signal(signal.SIGTERM)
-    assert process.wait(timeout=5) == 0
-    assert time.monotonic() - started < 3  # not the 10 s drain
+    assert process.wait(timeout=15) == 0
+    assert time.monotonic() - started < 8  # not the 10 s drain
     assert "pyramid_lb.drain_on_sigterm = 10 is overridden" in process.output()
 
 
@@ -200,7 +193,7 @@ def test_does_not_start_when_its_parent_is_already_gone(processes):
     finished = subprocess.Popen([sys.executable, "-c", ""])
     finished.wait()
     process = processes.start(
-        [*RUNNER, ROOT / "development.ini", free_port()],
+        [*RUNNER, ROOT / "development.ini", free_port("")],
         env={"PYRAMID_LB_PARENT": str(finished.pid)},
     )
     assert process.wait(timeout=15) == 1
@@ -243,7 +236,11 @@ def assert_one_line(stderr: str, *words: str) -> None:
             id="server setting",
         ),
         pytest.param(
-            PLAIN_INI, ["--server", "nope"], 1, ["No section 'nope'"], id="section"
+            PLAIN_INI,
+            ["--server", "nope"],
+            1,
+            ["nope.ini has no [server:nope] section"],
+            id="section",
         ),
         pytest.param(
             PLAIN_INI.replace(
@@ -263,7 +260,7 @@ def test_errors_are_one_line(tmp_path, ini_text, args, code, words):
     ini = tmp_path / "nope.ini"
     if ini_text is not None:
         ini.write_text(ini_text)
-    status, out, err = run_failing([ini, free_port(), *args])
+    status, out, err = run_failing([ini, free_port(""), *args])
     assert (status, out) == (code, "")
     assert_one_line(err, *words)
 
@@ -287,61 +284,6 @@ def test_port_in_use():
     # Its own status: the supervisor moves the instance to another port.
     assert (code, out) == (PORT_IN_USE, "")
     assert_one_line(err, f"cannot listen on 127.0.0.1:{port}: address already in use")
-
-
-@pytest.mark.parametrize(
-    "conf, host",
-    [
-        pytest.param({}, "127.0.0.1", id="nothing"),
-        pytest.param({"host": "*", "port": "80"}, "*", id="any host"),
-        pytest.param({"host": "0.0.0.0"}, "0.0.0.0", id="ipv4 any"),
-        pytest.param({"host": "localhost"}, "localhost", id="localhost"),
-        pytest.param({"host": "::1"}, "[::1]", id="bare ipv6 host"),
-        pytest.param({"listen": "127.0.0.1:6543"}, "127.0.0.1", id="listen"),
-        pytest.param({"listen": "*:6543 [::]:6543"}, "*", id="first listen"),
-        pytest.param({"listen": "[::1]:6543"}, "[::1]", id="listen ipv6"),
-        pytest.param({"listen": "[::1]"}, "[::1]", id="listen ipv6 no port"),
-        pytest.param({"listen": "localhost"}, "localhost", id="listen no port"),
-    ],
-)
-def test_listen_host(conf, host):
-    assert listen_host(conf) == host
-
-
-@pytest.mark.parametrize(
-    "conf, problem",
-    [
-        pytest.param({"listen": "*:8080"}, None, id="port"),
-        pytest.param({"listen": "127.0.0.1:0"}, None, id="any free port"),
-        pytest.param({"listen": "*:http"}, None, id="service name"),
-        pytest.param({"listen": "[::1]"}, None, id="ipv6 without a port"),
-        pytest.param({"listen": "::1"}, None, id="bare ipv6 address"),
-        pytest.param({"host": "*", "port": "6543"}, None, id="host and port"),
-        pytest.param(
-            {"listen": "*:99999"},
-            "listen = '*:99999' is not valid: the port of '*:99999' is above 65535",
-            id="above 65535",
-        ),
-        pytest.param(
-            {"listen": "127.0.0.1:8080 [::1]:70000"},
-            "the port of '[::1]:70000' is above 65535",
-            id="second entry",
-        ),
-        pytest.param(
-            {"listen": "*:eighty"},
-            "the port of '*:eighty' is not a number",
-            id="not a number",
-        ),
-        pytest.param({"port": "65536"}, "port = '65536' is not valid", id="port key"),
-    ],
-)
-def test_listen_problem(conf, problem):
-    found = listen_problem(conf)
-    if problem is None:
-        assert found is None
-    else:
-        assert problem in found
-        assert found.endswith("expected a TCP port from 1 to 65535 (0: any free port)")
 
 
 def test_serves_on_ipv6_when_the_ini_asks(processes, tmp_path):

@@ -7,15 +7,8 @@ import threading
 import pytest
 
 from pyramid_lb.dispatcher.operations import Busy, Operations
+from tests.clock import Clock
 from tests.processes import wait_until
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture

@@ -3,16 +3,7 @@
 import pytest
 
 from pyramid_lb.dispatcher.proxy import RetryBudget
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
+from tests.clock import Clock
 
 
 def spend_all(budget, limit=1000):
@@ -93,17 +84,3 @@ def test_a_pause_longer_than_the_window_forgets_everything():
     requests(budget, 100)
     clock.now += 15  # another slot: the old one is left as it was, but stale
     assert not budget.try_spend()
-
-
-def test_history_for_the_dashboard():
-    clock = Clock(1000.2)
-    budget = RetryBudget(clock=clock, keep=60)
-    requests(budget, 3)
-    clock.now = 1001.5
-    requests(budget, 1)
-    clock.now = 1002.0
-    history = budget.history()
-    assert len(history) == 60
-    assert history[-2:] == [(1000, 3), (1001, 1)]
-    clock.now = 1000.0 + 65
-    assert sum(n for _, n in budget.history()) == 0  # all of it fell out

@@ -1,41 +1,14 @@
-"""``pyramid-lb serve`` itself: its checks of the server section and what it
-logs (the dispatcher's behaviour is in test_supervisor.py)."""
+"""``pyramid-lb serve`` itself: where it says it listens, and what it logs (the
+dispatcher's behaviour is in test_supervisor.py, the checks of its server
+section in tests/test_process.py)."""
 
 import re
 
 import pytest
 
-from pyramid_lb.dispatcher.serve import ServeError, check_listen, public_url
-from tests.dispatcher.site import write_ini
+from pyramid_lb.dispatcher.serve import public_url
+from tests.dispatcher.site import subprocess_run, write_ini
 from tests.processes import BIN, LOGGING_INI
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        pytest.param({"listen": "127.0.0.1:8080"}, None, id="fine"),
-        pytest.param({"listen": "127.0.0.1:0"}, None, id="any free port"),
-        pytest.param(
-            {"listen": "*:99999"},
-            "[server:dispatcher] listen = '*:99999' is not valid: the port of "
-            "'*:99999' is above 65535; expected a TCP port from 1 to 65535 "
-            "(0: any free port)",
-            id="wrapped by waitress",
-        ),
-        pytest.param(
-            {"host": "127.0.0.1", "port": "70000"},
-            "[server:dispatcher] port = '70000' is not valid: above 65535",
-            id="port key",
-        ),
-    ],
-)
-def test_check_listen(options, message):
-    if message is None:
-        check_listen(options)
-        return
-    with pytest.raises(ServeError) as info:
-        check_listen(options)
-    assert str(info.value).startswith(message)
 
 
 class Listening:
@@ -80,3 +53,42 @@ def test_without_loggers_it_still_says_where_it_listens(processes, tmp_path):
         r"INFO  \[waitress\] Serving on (http://127.0.0.1:\d+)", process.output()
     )
     assert serving and ready[1] == serving[1] + "/"
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        pytest.param(
+            "use = egg:pyramid#wsgiref",
+            "[server:dispatcher] must use egg:pyramid_lb#waitress "
+            "(or egg:waitress#main)",
+            id="not waitress",
+        ),
+        pytest.param(
+            "use = egg:waitress#main\nlisten = *:99999",
+            "[server:dispatcher] listen = '*:99999' is not valid",
+            id="wrapped port",
+        ),
+        pytest.param(
+            "use = egg:waitress#main\nlisten = 127.0.0.1:0\nthreads = many",
+            "[server:dispatcher]: ",
+            id="waitress refuses",
+        ),
+        pytest.param(
+            "use = egg:pyramid_lb#nothing",
+            "[server:dispatcher]: Entry point 'nothing' not found in egg 'pyramid_lb'",
+            id="no such server",
+        ),
+    ],
+)
+def test_server_section_errors_are_one_line_naming_the_file(tmp_path, server, message):
+    ini = write_ini(tmp_path, instances=1)
+    ini.write_text(
+        ini.read_text().replace(
+            "use = egg:waitress#main\nlisten = 127.0.0.1:0\nthreads = 16", server
+        )
+    )
+    result = subprocess_run([BIN / "pyramid-lb", "serve", ini])
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith(f"pyramid-lb: error: {ini} {message}")
+    assert result.stderr.count("\n") == 1

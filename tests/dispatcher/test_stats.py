@@ -9,6 +9,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyramid_lb.dispatcher.stats import BUCKETS, KEEP, Tally
+from tests.clock import Clock
 from tests.processes import BIN, wait_until
 
 
@@ -39,21 +40,21 @@ def test_a_latency_beyond_the_last_bucket_lands_in_inf():
 
 
 def test_tally_counts_each_second():
-    now = [1000.2]
-    tally = Tally(clock=lambda: now[0])
+    clock = Clock(1000.2)
+    tally = Tally(clock=clock)
     tally.add(200, 0.01)
     tally.add(503, 0.01)
-    now[0] = 1001.5
+    clock.now = 1001.5
     tally.add(200, 0.01)
-    now[0] = 1002.0
+    clock.now = 1002.0
     history = tally.history()
     assert len(history) == KEEP
     assert history[-2:] == [2, 1]  # whole seconds only: 1002 is not over
     assert sum(history) == tally.count
-    now[0] = 1000.0 + KEEP + 2  # a minute later, it has all gone by
+    clock.now = 1000.0 + KEEP + 2  # a minute later, it has all gone by
     assert sum(tally.history()) == 0
     tally.add(200, 0.01)  # reusing the slot of 1002
-    assert sum(tally.history(int(now[0]) + 1)) == 1
+    assert sum(tally.history(int(clock.now) + 1)) == 1
 
 
 def test_the_chart_counts_what_the_cards_count(processes):

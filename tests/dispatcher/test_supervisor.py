@@ -17,6 +17,7 @@ from tests.dispatcher.site import (
     children,
     cpu_seconds,
     free_base_port,
+    free_port,
     from_another_address,
     serve,
     stats,
@@ -54,9 +55,7 @@ def test_spawns_instances_that_take_turns(processes, tmp_path, command):
 
 def test_command_line_overrides_instances_and_port(processes, tmp_path):
     ini = write_ini(tmp_path)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = processes.start(
         [BIN / "pyramid-lb", "serve", ini, "--instances", "2", "--port", str(port)]
     )
@@ -69,21 +68,30 @@ def test_kill_9_under_load_fails_nothing_and_comes_back(processes, tmp_path):
     ini = write_ini(tmp_path)
     process, url = serve(processes, ini)
     wait_until(lambda: all_up(url, 3), timeout=20)
-    victim = stats(url)[0]
-    with Load(url, path="/slow?ms=20") as load:
-        time.sleep(0.3)
-        os.kill(victim["pid"], signal.SIGKILL)
-        back = wait_until(
-            lambda: [
-                i
-                for i in stats(url)
-                if i["id"] == victim["id"]
-                and i["state"] == "up"
-                and i["pid"] != victim["pid"]
-            ],
-            timeout=10,
-        )
-        time.sleep(0.3)
+    with ThreadPool(1) as pool:
+        # The instance killed is the one running this request.
+        held = pool.submit(requests.get, url + "/slow?ms=3000", timeout=20)
+        (victim,) = wait_until(lambda: [i for i in stats(url) if i["in_flight"]])
+        with Load(url, path="/slow?ms=20") as load:
+            wait_until(lambda: len(load.results) >= 10)
+            os.kill(victim["pid"], signal.SIGKILL)
+            back = wait_until(
+                lambda: [
+                    i
+                    for i in stats(url)
+                    if i["id"] == victim["id"]
+                    and i["state"] == "up"
+                    and i["pid"] != victim["pid"]
+                ],
+                timeout=10,
+            )
+            served = len(load.results)
+            wait_until(lambda: len(load.results) >= served + 10)
+        answer = held.result()
+    # In flight when its instance died: sent again to another, and answered.
+    assert answer.status_code == 200, answer.text
+    assert answer.text.startswith("slept 3000 ms on site-")
+    assert victim["id"] not in answer.text, process.output()
     assert len(load.results) > 30
     assert load.failures() == []
     assert back[0]["restarts"] == 1
@@ -115,6 +123,33 @@ def test_a_crash_after_the_first_start_backs_off_then_fails(processes, tmp_path)
     assert cpu_seconds(process.pid) - cpu_before < 0.5 * elapsed
     assert requests.get(url + "/whoami", timeout=10).status_code == 503
     assert process.popen.poll() is None  # later crashes do not stop serve
+
+
+def test_a_restart_that_never_gets_ready_is_killed_after_startup_timeout(
+    processes, tmp_path
+):
+    """Up, then a crash, and its restart never gets ready: the monitor kills
+    it once startup_timeout is over, a crash like any other (here the one
+    too many: max_restarts = 1)."""
+    ini = write_ini(tmp_path, instances=1, startup_timeout=4, max_restarts=1)
+    process, url = serve(processes, ini)
+    process.wait_for_output("1/1 instances ready", timeout=20)
+    (first,) = stats(url)
+    ini.write_text(ini.read_text().replace("demo.warmup = 0", "demo.warmup = 600"))
+    os.kill(first["pid"], signal.SIGKILL)
+    (restarted,) = wait_until(
+        lambda: [i for i in stats(url) if i["pid"] != first["pid"]], timeout=10
+    )
+    assert restarted["state"] == "starting"
+    process.wait_for_output(
+        r"instance site-1 failed: not ready after 4s \(last check: .*?\); killed, "
+        r"2 times within 60s; not restarting it",
+        timeout=20,
+    )
+    assert not alive(restarted["pid"])
+    assert children(process.pid) == []
+    assert stats(url)[0]["state"] == "failed"
+    assert process.popen.poll() is None  # serve goes on, with nothing to serve
 
 
 @pytest.mark.parametrize(
@@ -233,19 +268,20 @@ def test_ports_in_use_readiness_and_ctrl_c_are_told_once(processes, tmp_path):
     assert process.wait(15) == 0
     output = process.output()
     assert output.count("in use") == 1
+    # The first start is a canary: one instance, then the other.
     assert (
         f"INFO [pyramid_lb.dispatcher] ports {base}, {base + 1} are in use: the "
-        f"instances listen on {base + 2}, {base + 3}\n"
+        f"instances listen on {base + 2}\n"
     ) in output
     assert "WARNING" not in output
     assert (
-        f"INFO [pyramid_lb.dispatcher] 1/2 instances ready: {url}/ takes requests "
+        f"INFO [pyramid_lb.dispatcher] 1/1 instances ready: {url}/ takes requests "
         "from now on\n"
     ) in output
     assert f"INFO [pyramid_lb.dispatcher] 2/2 instances ready: {url}/\n" in output
     # Ctrl-C says what SIGTERM says.
     assert "INFO [pyramid_lb.dispatcher] SIGINT: stopping\n" in output
-    # The second instance's start-up lines, held until one was ready, shown once.
+    # The second instance's start-up lines, once.
     assert output.count("site-2 | INFO [waitress] Serving on") == 1
 
 
@@ -255,10 +291,11 @@ def test_rolling_restart_under_load_replaces_every_pid(processes, tmp_path):
     wait_until(lambda: all_up(url, 3), timeout=20)
     before = {i["pid"] for i in stats(url)}
     with Load(url, path="/slow?ms=20") as load:
-        time.sleep(0.2)
+        wait_until(lambda: len(load.results) >= 10)
         process.signal(signal.SIGHUP)
         process.wait_for_output("rolling restart done", timeout=60)
-        time.sleep(0.2)
+        served = len(load.results)
+        wait_until(lambda: len(load.results) >= served + 10)
     after = stats(url)
     assert len(after) == 3 and all(i["state"] == "up" for i in after)
     assert before.isdisjoint(i["pid"] for i in after)
@@ -313,8 +350,10 @@ def test_sigkill_leaves_no_instance_behind(processes, tmp_path):
     wait_until(lambda: not any(alive(pid) for pid in instances), timeout=5)
 
 
-def test_scale_up_and_down(processes, tmp_path):
-    ini = write_ini(tmp_path, instances=1)
+def test_scale_up_and_down_lets_requests_in_flight_finish(processes, tmp_path):
+    ini = write_ini(tmp_path, instances=1, drain_timeout=30)
+    # Shorter than the requests below: cut off, were they not waited for.
+    ini.write_text(ini.read_text().replace("stop_timeout = 5", "stop_timeout = 1"))
     process, url = serve(processes, ini)
     wait_until(lambda: all_up(url, 1), timeout=20)
     scale = subprocess_run([BIN / "pyramid-lb", "scale", url, "3"])
@@ -324,11 +363,28 @@ def test_scale_up_and_down(processes, tmp_path):
     # operation would be refused).
     process.wait_for_output(r"scale to 3 done in", timeout=20)
     assert all_up(url, 3)
-    reply = requests.post(
-        url + "/_lb/scale?instances=1", headers={"X-Requested-With": "t"}, timeout=10
-    )
-    assert reply.json() == {"instances": 1, "change": -2}
-    wait_until(lambda: len(stats(url)) == 1, timeout=20)
+    with ThreadPool(3) as pool:
+        posts = [
+            pool.submit(requests.post, url + "/slow?ms=2000", timeout=20)
+            for _ in range(3)
+        ]
+        # One on each instance, the two leaving included.
+        wait_until(lambda: [i["in_flight"] for i in stats(url)] == [1, 1, 1])
+        reply = requests.post(
+            url + "/_lb/scale?instances=1",
+            headers={"X-Requested-With": "t"},
+            timeout=10,
+        )
+        assert reply.json() == {"instances": 1, "change": -2}
+        answers = [post.result() for post in posts]
+    assert [answer.status_code for answer in answers] == [200] * 3
+    assert sorted(answer.text.split()[-1] for answer in answers) == [
+        "site-1",
+        "site-2",
+        "site-3",
+    ]
+    process.wait_for_output(r"scale to 1 done in", timeout=20)
+    assert [i["id"] for i in stats(url)] == ["site-1"]
     assert len(children(process.pid)) == 1
 
 
@@ -414,6 +470,41 @@ def test_hung_instance_is_killed_and_restarted(processes, tmp_path):
     assert not alive(hung["pid"])
 
 
+def test_fall_liveness_failures_in_a_row_kill_fewer_do_not(processes, tmp_path):
+    ini = fixture_site(tmp_path, "liveness_app", fall=2, health_check_timeout=2)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 1), timeout=20)
+    (instance,) = stats(url)
+
+    def probes():
+        """Its liveness probes so far: (failed, passed); None once it is gone."""
+        try:
+            seen = requests.get(instance["url"] + "/probes", timeout=10).json()
+        except requests.ConnectionError:
+            return None
+        return seen["failed"], seen["passed"]
+
+    def settled():
+        """The failure, the pass held after it and two more (or it is gone)."""
+        seen = probes()
+        return seen is None or (seen[0] == 1 and seen[1] >= passed + 3)
+
+    passed = wait_until(lambda: probes()[1])  # its liveness is probed now
+    # fall - 1 = 1 failure, kept for half a second before the next pass.
+    requests.get(instance["url"] + "/fail-liveness?times=1", timeout=10)
+    wait_until(settled)
+    assert "hung" not in process.output()
+    assert [(i["pid"], i["restarts"]) for i in stats(url)] == [(instance["pid"], 0)]
+    assert process.output().count("liveness check failed") == 1  # it was seen
+    # fall = 2 failures in a row: hung, killed and restarted.
+    requests.get(instance["url"] + "/fail-liveness?times=2", timeout=10)
+    process.wait_for_output(f"instance {instance['id']} hung: its liveness check")
+    wait_until(
+        lambda: stats(url)[0]["pid"] != instance["pid"] and all_up(url, 1), timeout=15
+    )
+    assert not alive(instance["pid"])
+
+
 def test_restart_one_instance_from_the_admin(processes, tmp_path):
     ini = write_ini(tmp_path, instances=2)
     process, url = serve(processes, ini)
@@ -432,14 +523,22 @@ def test_restart_one_instance_from_the_admin(processes, tmp_path):
     assert not alive(first["pid"])
 
 
-def test_a_download_in_flight_survives_its_instance_being_replaced(processes, tmp_path):
-    """A rolling restart during a 20 MB download to a slow client: the old
-    instance is stopped only once all of it is through."""
-    ini = tmp_path / "plain.ini"
+def fixture_site(tmp_path, app, **dispatcher):
+    """An ini file for one spawned instance of ``tests/fixtureapps/APP.py``
+    (a plain WSGI app) behind the dispatcher; ``dispatcher`` adds keys."""
+    settings = {
+        "instances": 1,
+        "base_port": free_base_port(),
+        "health_check_interval": 0.1,
+        "rise": 1,
+        "stop_timeout": 5,
+        **dispatcher,
+    }
+    ini = tmp_path / f"{app}.ini"
     ini.write_text(
         f"""
 [app:main]
-use = call:tests.fixtureapps.plain_app:main
+use = call:tests.fixtureapps.{app}:main
 
 [server:main]
 use = egg:pyramid_lb#waitress
@@ -447,20 +546,27 @@ host = 127.0.0.1
 
 [app:dispatcher]
 use = egg:pyramid_lb#dispatcher
-instances = 1
-base_port = {free_base_port()}
-health_check_path = /
-liveness_path = /
-health_check_interval = 0.1
-rise = 1
-drain_timeout = 30
-stop_timeout = 5
-
+"""
+        + "".join(f"{key} = {value}\n" for key, value in settings.items())
+        + """
 [server:dispatcher]
 use = egg:pyramid_lb#waitress
 listen = 127.0.0.1:0
 """
         + LOGGING_INI
+    )
+    return ini
+
+
+def test_a_download_in_flight_survives_its_instance_being_replaced(processes, tmp_path):
+    """A rolling restart during a 20 MB download to a slow client: the old
+    instance is stopped only once all of it is through."""
+    ini = fixture_site(
+        tmp_path,
+        "plain_app",
+        health_check_path="/",
+        liveness_path="/",
+        drain_timeout=30,
     )
     process, url = serve(processes, ini)
     wait_until(lambda: all_up(url, 1), timeout=20)
@@ -494,3 +600,34 @@ def test_an_instance_whose_port_is_taken_meanwhile_moves_on(processes, tmp_path)
     output = process.output()
     assert f"port {base} was taken meanwhile; it moves to {base + 1}" in output
     assert "restarting" not in output
+
+
+def test_without_a_dispatcher_an_instance_keeps_its_port(processes, tmp_path):
+    """Under ``--no-dispatcher`` the front's configuration names the ports: a
+    port in use is said, and the instance waits for it instead of moving."""
+    base = free_base_port()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.3", base + 1))
+    squatter.listen()
+    try:
+        ini = write_ini(tmp_path, instances=2, base_port=base)
+        ini.write_text(ini.read_text().replace("host = 127.0.0.1", "host = *", 1))
+        process = processes.start(
+            [BIN / "pyramid-lb", "serve", ini, "--no-dispatcher"], name="instances"
+        )
+        process.wait_for_output(
+            f"could not listen: port {base + 1} is in use by another program", 20
+        )
+        assert answers(f"http://127.0.0.1:{base}/")
+    finally:
+        squatter.close()
+    wait_until(lambda: answers(f"http://127.0.0.1:{base + 1}/"), 20)
+    assert not answers(f"http://127.0.0.1:{base + 2}/")
+    assert "moves to" not in process.output()
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False

@@ -21,11 +21,13 @@ from pyramid_lb.dispatcher.upstream import (
     ConnectFailed,
     Pool,
     ReadTimeout,
+    ShortBody,
     StaleConnection,
     UpstreamError,
     exchange,
 )
 from tests.dispatcher.canned import CLOSE, HANG, RESET, Canned, Gate, in_turn
+from tests.dispatcher.site import free_port
 
 GET = b"GET / HTTP/1.1\r\nHost: instance\r\n\r\n"
 HEAD = b"HEAD / HTTP/1.1\r\nHost: instance\r\n\r\n"
@@ -529,8 +531,8 @@ def test_keep_alive_reuses_one_connection(serve):
     assert [r.connection for r in server.requests] == [0, 0, 0]
 
 
-def test_max_idle(serve):
-    server, pool = serve(OK, max_idle=1)
+def test_pool_size(serve):
+    server, pool = serve(OK, pool_size=1)
     first, second = exchange(pool, GET), exchange(pool, GET)
     sockets = [first.sock, second.sock]
     assert sockets[0] is not sockets[1]
@@ -542,8 +544,8 @@ def test_max_idle(serve):
     assert server.connections == 2
 
 
-def test_max_idle_zero_pools_nothing(serve):
-    server, pool = serve(OK, max_idle=0)
+def test_pool_size_zero_pools_nothing(serve):
+    server, pool = serve(OK, pool_size=0)
     fetch(pool)
     fetch(pool)
     assert pool._idle == []
@@ -774,9 +776,7 @@ def test_send_timeout(serve, length):
 
 
 def test_connection_refused():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     pool = Pool("127.0.0.1", port)
     with pytest.raises(ConnectFailed, match="failed") as caught:
         exchange(pool, GET)
@@ -1190,14 +1190,14 @@ def test_body_that_cannot_be_replayed(serve, source):
 
 @pytest.mark.parametrize("length", [10, SMALL_BODY])
 def test_short_small_body(length):
-    with pytest.raises(ValueError, match="shorter than its Content-Length"):
+    with pytest.raises(ShortBody, match="shorter than its Content-Length"):
         Body(io.BytesIO(b"short"), length)
 
 
 def test_short_large_body(serve):
     server, pool = serve(OK)
     length = 2 * SMALL_BODY
-    with pytest.raises(ValueError, match="shorter than its Content-Length"):
+    with pytest.raises(ShortBody, match="shorter than its Content-Length"):
         exchange(pool, post(length), Body(io.BytesIO(bytes(SMALL_BODY + 1)), length))
     assert pool._idle == []
 
@@ -1227,3 +1227,46 @@ def test_sockets_get_kernel_timeouts(serve):
             raw = sock.getsockopt(socket.SOL_SOCKET, option, size)
             assert struct.unpack("ll", raw) == (1, 500_000)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+# -- the resend rule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "idempotent", "again"),
+    [
+        pytest.param(ConnectFailed("refused"), False, True, id="never sent"),
+        pytest.param(StaleConnection(), False, True, id="stale pooled connection"),
+        pytest.param(
+            UpstreamError("reset", upstream.SEND), False, False, id="maybe sent: POST"
+        ),
+        pytest.param(
+            UpstreamError("reset", upstream.SEND), True, True, id="maybe sent: GET"
+        ),
+        pytest.param(
+            UpstreamError("closed", upstream.HEAD), True, True, id="no answer: GET"
+        ),
+        pytest.param(
+            UpstreamError("closed", upstream.HEAD, received=True),
+            True,
+            False,
+            id="part of a head",
+        ),
+        pytest.param(
+            UpstreamError("cut", upstream.BODY), True, False, id="part of a body"
+        ),
+        pytest.param(
+            ReadTimeout("slow", upstream.HEAD), True, False, id="timeout: maybe running"
+        ),
+        pytest.param(BadResponse("garbage"), True, False, id="garbage came back"),
+    ],
+)
+def test_may_resend(error, idempotent, again):
+    assert upstream.may_resend(error, idempotent) is again
+
+
+def test_the_phase_says_what_may_have_happened():
+    assert not ConnectFailed("x").sent and not ConnectFailed("x").received
+    assert UpstreamError("x", upstream.SEND).sent
+    assert UpstreamError("x", upstream.BODY).received
+    assert ReadTimeout("x", upstream.HEAD).status == 504

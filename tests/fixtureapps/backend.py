@@ -6,6 +6,11 @@ Prints "Serving on http://127.0.0.1:PORT" once it listens. Every POST to
 /count appends its ``id`` parameter to LOG_DIR/NAME.posts, so a test can
 tell afterwards how many times each POST ran, even on an instance it
 killed.
+
+``stall=NAME`` on /slow or /count makes the first ``stalls`` (default 1) such
+requests on instance NAME wait until it is killed (a minute at most), so a
+test can kill it with requests in flight for sure; /whoami tells how many
+are stalled.
 """
 
 import hashlib
@@ -22,7 +27,18 @@ import waitress
 def make_app(name: str, log_dir: str | None):
     state = {"ready": True}
     in_flight = [0]
+    stalled = [0]
     lock = threading.Lock()
+
+    def runs_for(query, default):
+        """How long the request runs: ``s``, or a minute when it stalls."""
+        if query.get("stall") == name:
+            with lock:
+                stalls = stalled[0] < int(query.get("stalls", "1"))
+                stalled[0] += stalls
+            if stalls:
+                return 60.0
+        return float(query.get("s", default))
 
     def respond(start_response, body, status="200 OK", content_type="text/plain"):
         if isinstance(body, dict):
@@ -51,7 +67,12 @@ def make_app(name: str, log_dir: str | None):
             if path == "/whoami":
                 return respond(
                     start_response,
-                    {"name": name, "pid": os.getpid(), "in_flight": in_flight[0]},
+                    {
+                        "name": name,
+                        "pid": os.getpid(),
+                        "in_flight": in_flight[0],
+                        "stalled": stalled[0],
+                    },
                 )
             if path == "/echo":
                 length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -88,10 +109,10 @@ def make_app(name: str, log_dir: str | None):
             if path == "/count":
                 with open(os.path.join(log_dir, f"{name}.posts"), "a") as log:
                     log.write(query["id"] + "\n")
-                time.sleep(float(query.get("s", "0")))
+                time.sleep(runs_for(query, "0"))
                 return respond(start_response, {"name": name, "id": query["id"]})
             if path == "/slow":
-                time.sleep(float(query.get("s", "1")))
+                time.sleep(runs_for(query, "1"))
                 return respond(start_response, {"name": name, "slept": query.get("s")})
             if path == "/status":
                 code = int(query["code"])

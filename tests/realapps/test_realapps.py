@@ -20,9 +20,9 @@ import requests
 
 from pyramid_lb import cli
 from pyramid_lb.dispatcher.instance import WAITRESS_FORWARDED
-from tests.dispatcher.site import SERVING, free_base_port
+from tests.dispatcher.site import SERVING, free_base_port, free_port
 from tests.processes import BIN, LOGGING_INI, ROOT, wait_until
-from tests.test_export import HAPROXY, NGINX, answers, free_port
+from tests.test_export import HAPROXY, NGINX, answers
 
 INI = """
 [app:main]
