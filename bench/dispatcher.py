@@ -1,9 +1,10 @@
 """Benchmark: the dispatcher against nginx and peers over the same two instances.
 
 Starts two demo instances (production.ini), the dispatcher in front of them
-and, when installed, nginx and the peer proxies in bench/peers/ (aiohttp,
-asgiproxy on uvicorn, WSGIProxy2 under waitress: ``pip install -e
-'.[bench]'``) in front of the same two; then drives each with wrk (or,
+(with the default caps, and uncapped: ``max_in_flight = off``) and, when
+installed, nginx and the peer proxies in bench/peers/ (aiohttp, asgiproxy
+on uvicorn, WSGIProxy2 under waitress: ``pip install -e '.[bench]'``) in
+front of the same two; then drives each with wrk (or,
 without wrk, a small threaded Python client) in interleaved rounds, every
 target once a round, and prints for each requests/s, p50 and p99 latency,
 the ratio to nginx and the proxy's CPU time per request.
@@ -80,6 +81,7 @@ DISPATCHER_INI = """
 [app:dispatcher]
 use = egg:pyramid_lb#dispatcher
 backends = http://127.0.0.1:{a} http://127.0.0.1:{b}
+max_in_flight = {cap}
 
 [server:dispatcher]
 use = {server}
@@ -279,18 +281,26 @@ def main() -> int:
         upstreams = [f"http://127.0.0.1:{port}" for port in (a, b)]
         # target: (port, session of the proxy's processes; None: no proxy)
         targets: dict[str, tuple[int, int | None]] = {"direct": (a, None)}
-        port = free_port()
-        ini = tmp / "dispatcher.ini"
-        ini.write_text(
-            DISPATCHER_INI.format(
-                a=a, b=b, port=port, threads=args.threads, server=SERVERS[args.server]
+        # The cap spawned instances get by default (their waitress threads,
+        # 4), the rest waiting in the dispatcher's queue; and without caps.
+        for name, cap in (("dispatcher", 4), ("uncapped", "off")):
+            port = free_port()
+            ini = tmp / f"{name}.ini"
+            ini.write_text(
+                DISPATCHER_INI.format(
+                    a=a,
+                    b=b,
+                    cap=cap,
+                    port=port,
+                    threads=args.threads,
+                    server=SERVERS[args.server],
+                )
             )
-        )
-        dispatcher = start(
-            [BIN / "pserve", f"{ini}#dispatcher", "--server-name", "dispatcher"],
-            "dispatcher",
-        )
-        targets["dispatcher"] = (port, dispatcher.pid)
+            process = start(
+                [BIN / "pserve", f"{ini}#dispatcher", "--server-name", "dispatcher"],
+                name,
+            )
+            targets[name] = (port, process.pid)
         if nginx:
             port = free_port()
             conf = tmp / "nginx.conf"

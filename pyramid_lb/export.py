@@ -9,7 +9,6 @@ from typing import NamedTuple
 from pyramid_lb.affinity_cookie import sign
 from pyramid_lb.dispatcher import make_dispatcher
 from pyramid_lb.dispatcher.admin import PREFIX
-from pyramid_lb.dispatcher.cluster import parse_backend_url
 from pyramid_lb.dispatcher.config import DispatcherConfig
 from pyramid_lb.dispatcher.proxy import FORWARDING_HEADERS
 from pyramid_lb.process import StartupError
@@ -27,6 +26,7 @@ class Server(NamedTuple):
     port: int
     weight: int  # 1 unless the strategy uses weights, as in the dispatcher
     cookie: str | None  # its affinity cookie value: its id, signed
+    max_in_flight: int | None  # its cap, None for none
 
 
 class Site(NamedTuple):
@@ -51,24 +51,35 @@ def load(ini: str, listen: str | None = None) -> Site:
 
 
 def _servers(dispatcher) -> list[Server]:
-    """The instances the supervisor starts, then the ``backends``."""
+    """The instances the supervisor starts, then the ``backends``, each with
+    its ``max_in_flight`` as the dispatcher reads it."""
     settings = dispatcher.config
     members = []
     if dispatcher.supervisor is not None:
-        for name, _, port in dispatcher.supervisor.planned():
+        for name, ini, port in dispatcher.supervisor.planned():
             if port > 65535:
                 raise StartupError("[app:dispatcher] base_port leaves too few ports")
-            members.append((name, "127.0.0.1", port, 1))
-    for spec in settings.backends:
-        host, port = parse_backend_url(spec.url)
-        members.append((f"{host}:{port}", host, port, spec.weight))
+            cap = dispatcher.supervisor.in_flight_cap(ini)
+            members.append((name, "127.0.0.1", port, 1, cap))
+    # The dispatcher's own (not started) Backends of ``backends``: their caps
+    # are resolved there (an own max_in_flight=N, else the setting's number;
+    # auto: none).
+    members += [
+        (b.name, b.host, b.port, b.weight, b.max_in_flight)
+        for b in dispatcher.cluster.backends
+    ]
     weighted = settings.strategy in ("weighted_round_robin", "hash")
     secret = settings.affinity_secret if settings.sticky != "off" else None
     return [
         Server(
-            name, host, port, weight if weighted else 1, secret and sign(name, secret)
+            name,
+            host,
+            port,
+            weight if weighted else 1,
+            secret and sign(name, secret),
+            cap,
         )
-        for name, host, port, weight in members
+        for name, host, port, weight, cap in members
     ]
 
 
@@ -202,6 +213,8 @@ def _nginx_upstream(
     lines = [f"    upstream {name} {{", *method, f"        zone {name} 64k;"]
     for index, server in enumerate(site.servers):
         options = fails + (f" weight={server.weight}" if server.weight != 1 else "")
+        if server.max_in_flight is not None:
+            options += f" max_conns={server.max_in_flight}"
         if pinned is not None and index != pinned:
             options += " backup"
         lines.append(
@@ -210,6 +223,40 @@ def _nginx_upstream(
     if settings.pool_size:
         lines.append(f"        keepalive {settings.pool_size};")
     return lines + ["    }", ""]
+
+
+def _nginx_limits(site: Site) -> list[str]:
+    """What nginx OSS makes of max_in_flight, the queue and slow_start."""
+    settings = site.settings
+    lines = []
+    if any(server.max_in_flight is not None for server in site.servers):
+        if settings.queue_size:
+            size, timeout = settings.queue_size, _time(settings.queue_timeout)
+            instead = [
+                f"    # where the dispatcher has it wait in line (queue_size = {size},",
+                f"    # queue_timeout = {timeout}) for a slot, else answers 503.",
+            ]
+        else:
+            instead = ["    # where the dispatcher answers 503 (queue_size = 0)."]
+        lines += [
+            "    # max_in_flight: max_conns on each server, counted over all the",
+            "    # workers (the zone). nginx OSS has no queue (the queue directive",
+            "    # is nginx Plus only): a request that finds every instance at",
+            '    # max_conns gets 502 at once ("no live upstreams" in error.log),',
+            *instead,
+        ]
+        if settings.strategy == "hash" or settings.sticky != "off":
+            lines += [
+                "    # One whose own instance (by hash or affinity) is at max_conns",
+                "    # goes to another, where the dispatcher would wait for its own.",
+            ]
+    if settings.slow_start:
+        lines += [
+            "    # nginx OSS has no slow start (slow_start= is nginx Plus only): an",
+            "    # instance back in rotation gets its full share at once, not over",
+            f"    # slow_start = {_time(settings.slow_start)}.",
+        ]
+    return lines + [""] if lines else []
 
 
 def _nginx_method(site: Site) -> tuple[list[str], list[str]]:
@@ -403,6 +450,7 @@ def nginx(site: Site) -> str:
         target = "$pyramid_lb_upstream"
         for index in range(len(site.servers)):
             pinned += _nginx_upstream(site, f"pyramid_lb_{index}", [], index)
+    lines += _nginx_limits(site)
     lines += _nginx_upstream(site, "pyramid_lb", method) + pinned
     lines += ["    server {"]
     lines += [f"        listen {host}:{port};" for host, port in site.binds]
@@ -532,6 +580,36 @@ def _haproxy_forwarded(site: Site) -> list[str]:
     ]
 
 
+def _haproxy_queue(site: Site) -> list[str]:
+    """Backend lines for the dispatcher's queue, when some server has a cap
+    (``maxconn``); without one HAProxy queues nothing."""
+    settings = site.settings
+    if all(server.max_in_flight is None for server in site.servers):
+        return []
+    lines = [
+        "    # max_in_flight: each server's maxconn. The requests beyond wait in",
+        "    # HAProxy's queue (the backend's, or their server's for those bound",
+        "    # to it by affinity or hash), in order, then get 503.",
+    ]
+    if not settings.queue_size:
+        return lines + [
+            "    # queue_size = 0: no queue. HAProxy always has one: a request that",
+            "    # finds every server at maxconn waits in it 1 ms at most.",
+            "    timeout queue 1ms",
+        ]
+    return lines + [
+        f"    timeout queue {_time(settings.queue_timeout)}",
+        "    # queue_size: HAProxy's queues have no length limit (a server's",
+        "    # maxqueue bounds its own queue only, and sends the next requests",
+        "    # to other servers), so a request that finds queue_size waiting is",
+        "    # refused here, before a server is chosen: even one whose own",
+        "    # instance (by hash or affinity) has room, which the dispatcher",
+        "    # would serve. This 503 has no Retry-After.",
+        "    http-request deny deny_status 503 if "
+        f"{{ queue() ge {settings.queue_size} }}",
+    ]
+
+
 def haproxy(site: Site) -> str:
     """A complete HAProxy configuration for the site."""
     settings = site.settings
@@ -604,6 +682,15 @@ def haproxy(site: Site) -> str:
         # only: at layer 7 an app's own 503s would count.
         checks += f" observe layer4 error-limit {settings.eject_after}"
         checks += " on-error mark-down"
+    slow = []
+    if settings.slow_start:
+        checks += f" slowstart {_time(settings.slow_start)}"
+        slow = [
+            "    # slow_start: an instance back up after HAProxy saw it down ramps",
+            "    # its weight (and maxconn) from none to all over slowstart; unlike",
+            "    # the dispatcher, not from a tenth, and not one already up when",
+            "    # HAProxy starts.",
+        ]
     lines += [
         "    # A failed connection is retried on another instance, even past a",
         "    # client's affinity cookie (its instance is down or gone).",
@@ -612,7 +699,9 @@ def haproxy(site: Site) -> str:
         f"    option httpchk GET {settings.health_check_path}",
         "    http-check expect status 200",
         f"    timeout check {_time(settings.health_check_timeout)}",
+        *_haproxy_queue(site),
         "    http-reuse safe",
+        *slow,
         f"    default-server {checks} pool-max-conn {settings.pool_size}",
     ]
     # HAProxy weights go up to 256: larger ones are scaled down together.
@@ -620,6 +709,8 @@ def haproxy(site: Site) -> str:
     for server in site.servers:
         weight = max(1, round(server.weight * scale))
         options = f" weight {weight}" if weight != 1 else ""
+        if server.max_in_flight is not None:
+            options += f" maxconn {server.max_in_flight}"
         if server.cookie:
             options += f" cookie {server.cookie}"
         name = re.sub(r"[^\w.:-]", "_", server.name, flags=re.ASCII)

@@ -25,7 +25,7 @@ from pyramid.registry import Registry
 from pyramid.response import Response
 from zope.interface import Interface
 
-from pyramid_lb.process import INSTANCE_ENV, handles_sigterm
+from pyramid_lb.process import INSTANCE_ENV, handles_sigterm, outside_the_handler
 from pyramid_lb.settings import Setting, addresses, optional, seconds, text, url_path
 
 log = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ def drain_on_sigterm(health: Health, grace: float) -> None:
         if stopping.is_set():
             raise SystemExit(0)
         stopping.set()
-        health.drain(f"SIGTERM received; stopping in {grace:g}s")
+        outside_the_handler(health.drain, f"SIGTERM received; stopping in {grace:g}s")
         timer = threading.Timer(grace, os.kill, (os.getpid(), signal.SIGTERM))
         timer.daemon = True
         timer.start()

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -84,6 +85,28 @@ def load(
 def is_waitress(context) -> bool:
     """Whether a server context runs waitress, ours or waitress's own."""
     return context.object in (waitress.serve_paste, serve_paste)
+
+
+#: Waitress's ``threads`` when a server section does not set it.
+WAITRESS_THREADS = 4
+
+
+def server_threads(ini: str) -> int:
+    """The worker threads of ``ini``'s ``[server:main]``: how many requests
+    its instance serves at once (without waiting inside waitress)."""
+    conf = load(ini, "server:main").local_conf
+    value = conf.get("threads", WAITRESS_THREADS)
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        raise StartupError(
+            f"{ini} [server:main] threads = {value!r} is not a number"
+        ) from None
+    if threads < 1:
+        raise StartupError(
+            f"{ini} [server:main] threads = {value!r}: expected 1 or more"
+        )
+    return threads
 
 
 def listen_host(conf: Mapping[str, Any], default: str = "127.0.0.1") -> str:
@@ -173,6 +196,17 @@ def create_server(
         raise StartupError(f"{section}: {exc}") from None
 
 
+def outside_the_handler(function: Callable[..., Any], *args: Any) -> None:
+    """Run ``function`` in a thread of its own, not in a signal handler.
+
+    A handler interrupts the main thread wherever it is, half-way through
+    writing a log line to stderr, say: logging from the handler would then
+    fail (a reentrant write), and the error, caught by the server as the
+    request's, would swallow the signal.
+    """
+    threading.Thread(target=function, args=args, daemon=True).start()
+
+
 def handles_sigterm(handler):
     """Mark a signal handler as pyramid_lb's own (the add-on's drain, the
     dispatcher's): ``stop_on_signals(keep_own=True)`` leaves it in place."""
@@ -201,7 +235,8 @@ def stop_on_signals(
         signals += 1
         if not quiet():
             how = "stopping" if signals == 1 else "stopping at once"
-            logger.info("%s: %s", signal.Signals(signum).name, how)
+            name = signal.Signals(signum).name
+            outside_the_handler(logger.info, "%s: %s", name, how)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(0)

@@ -22,9 +22,13 @@ waitress with these changes, for ``[server:dispatcher]`` (and
   connections, and lets requests in flight finish, answers being sent
   included, for ``graceful_timeout`` seconds; waitress alone stops its main
   loop at once and cuts off whatever is still in its buffers.
+- An app's own endpoints (``app.admin_prefix``: the dispatcher's ``/_lb``)
+  have :data:`ADMIN_THREADS` threads of their own, so they answer while
+  every other thread waits on an instance (:class:`AdminRouter`).
 
 These rely on waitress internals (``HTTPChannel.parser_class``, the
-server's ``channel_class``, the parser's attributes); ``tests/test_server.py``
+server's ``channel_class``, the parser's attributes, the servers'
+``task_dispatcher``, the channel's ``requests``); ``tests/test_server.py``
 pins them for the waitress versions pyproject.toml allows.
 """
 
@@ -41,6 +45,7 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError, get_header_lines
 from waitress.rfc7230 import HEADER_FIELD_RE
 from waitress.server import BaseWSGIServer
+from waitress.task import ThreadedTaskDispatcher
 
 from pyramid_lb.settings import SettingsError, seconds
 
@@ -59,6 +64,8 @@ FRONT_DEFAULTS = {
 GRACEFUL_TIMEOUT = 30.0
 #: Our keys in a server section (waitress rejects keys it does not know).
 OWN_KEYS = ("graceful_timeout",)
+#: Threads for the paths under ``app.admin_prefix``, besides ``threads``.
+ADMIN_THREADS = 2
 
 
 class StrictRequestParser(HTTPRequestParser):
@@ -132,6 +139,73 @@ def framing_problem(
     return None
 
 
+class AdminRouter:
+    """The servers' task dispatcher: a connection whose next request is for
+    the app's own endpoints (``prefix`` and under it) goes to threads of its
+    own, any other to waitress's.
+
+    Waitress hands over a connection whenever its next request is ready,
+    so each request of a keep-alive connection is routed by its own path.
+    """
+
+    def __init__(self, main, admin, prefix: str, url_prefix: str = ""):
+        self.main = main
+        self.admin = admin
+        self.prefix = prefix
+        self.url_prefix = url_prefix
+
+    def add_task(self, channel) -> None:
+        # Waitress calls this with the channel's requests_lock held.
+        requests = getattr(channel, "requests", None)
+        path = getattr(requests[0], "path", None) if requests else None
+        if isinstance(path, str) and is_under(
+            _path_info(path, self.url_prefix), self.prefix
+        ):
+            self.admin.add_task(channel)
+        else:
+            self.main.add_task(channel)
+
+    def set_thread_count(self, count: int) -> None:
+        """The server's ``threads``; the admin threads stay as they are."""
+        self.main.set_thread_count(count)
+
+    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
+        """Stop both sets of threads, waiting at most ``timeout`` for them."""
+        deadline = time.monotonic() + timeout
+        self.admin.set_thread_count(0)  # both stop meanwhile: one wait for both
+        main = self.main.shutdown(cancel_pending, timeout)
+        remaining = max(0.5, deadline - time.monotonic())
+        return self.admin.shutdown(cancel_pending, remaining) and main
+
+
+def is_under(path_info: str, prefix: str) -> bool:
+    """Whether ``path_info`` is ``prefix`` or a path under it."""
+    return path_info == prefix or path_info.startswith(prefix + "/")
+
+
+def _path_info(path: str, url_prefix: str) -> str:
+    """PATH_INFO as waitress gives it to the app (WSGITask.get_environment)."""
+    if path.startswith("/"):
+        path = "/" + path.lstrip("/")
+    if url_prefix:
+        if path == url_prefix:
+            return ""
+        if path.startswith(url_prefix + "/"):
+            return path[len(url_prefix) :]
+    return path
+
+
+def _admin_prefix(app) -> str | None:
+    prefix = getattr(app, "admin_prefix", None)
+    if prefix is None:
+        return None
+    if not isinstance(prefix, str) or not prefix.rstrip("/").startswith("/"):
+        raise ValueError(
+            f"admin_prefix = {prefix!r}: must be a path such as '/_lb', not '/'"
+        )
+    return prefix.rstrip("/")
+
+
 def _listeners(server) -> list[BaseWSGIServer]:
     return [obj for obj in _map(server).values() if isinstance(obj, BaseWSGIServer)]
 
@@ -147,9 +221,12 @@ def create_server(app, options: dict[str, Any]):
     ``options`` are a server section's keys (strings or values), minus
     :data:`OWN_KEYS`; :data:`FRONT_DEFAULTS` fill in what they leave unset,
     and so does ``app.server_defaults`` when the app has one (the
-    dispatcher's body limit and forwarded headers). Raises what
-    ``waitress.create_server`` raises (OSError, ValueError).
+    dispatcher's body limit, forwarded headers and threads). Paths under
+    ``app.admin_prefix``, when the app has one, are served by threads of
+    their own (:class:`AdminRouter`). Raises what ``waitress.create_server``
+    raises (OSError, ValueError), and ValueError for a bad ``admin_prefix``.
     """
+    prefix = _admin_prefix(app)
     defaults = getattr(app, "server_defaults", None)
     if defaults is not None and options.get("trusted_proxy"):
         raise ValueError(
@@ -161,6 +238,25 @@ def create_server(app, options: dict[str, Any]):
     server = waitress.create_server(app, **merged)
     for listener in _listeners(server):
         listener.channel_class = StrictChannel
+    if prefix is not None:
+        admin = ThreadedTaskDispatcher()
+        admin.set_thread_count(ADMIN_THREADS)
+        router = AdminRouter(
+            server.task_dispatcher, admin, prefix, server.adj.url_prefix
+        )
+        server.task_dispatcher = router
+        for listener in _listeners(server):
+            listener.task_dispatcher = router
+    needed = int((defaults or {}).get("threads", 0))
+    if "threads" in options and server.adj.threads < needed:
+        log.warning(
+            "threads = %d in the server section, fewer than the %d the "
+            "dispatcher needs (its instances' caps plus its queue): requests "
+            "beyond %d wait inside waitress, unseen, without the queue's timeout",
+            server.adj.threads,
+            needed,
+            server.adj.threads,
+        )
     return server
 
 

@@ -207,6 +207,22 @@ def factor_or_off(value: Any) -> float | None:
         raise ValueError("expected off or a number >= 1, e.g. 1.25") from None
 
 
+def or_off(convert: Callable[[Any], Any]):
+    """Like ``convert``, but ``off`` means None (nothing of the kind)."""
+    allowed = getattr(convert, "allowed", "a value")
+
+    def convert_or_off(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return None
+        try:
+            return convert(value)
+        except ValueError:
+            raise ValueError(f"expected off or {allowed}") from None
+
+    convert_or_off.allowed = f"off or {allowed}"
+    return convert_or_off
+
+
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -218,8 +234,11 @@ def size(value: Any) -> int:
     unit = raw[-1:] if raw[-1:] in ("k", "m", "g") else ""
     digits = raw[: len(raw) - len(unit)]
     if not digits.isdigit() or not digits.isascii():
-        raise ValueError("expected a size in bytes, e.g. 1048576, 512k, 100M or 1G")
+        raise ValueError(f"expected {size.allowed}")
     return int(digits) * _SIZE_UNITS[unit]
+
+
+size.allowed = "a size in bytes, e.g. 1048576, 512k, 100M or 1G"
 
 
 # -- parsing ------------------------------------------------------------------

@@ -42,10 +42,17 @@ def format_stats(stats: dict, now: float | None = None) -> str:
     rows = []
     for instance in stats["instances"]:
         state = instance["state"] + (" (ejected)" if instance.get("ejected") else "")
+        share = instance.get("slow_start_share", 1)
+        if share < 1:
+            state += f" (slow start {share:.0%})"
+        in_flight = str(instance["in_flight"])
+        if instance.get("max_in_flight") is not None:
+            in_flight += f"/{instance['max_in_flight']}"
         values = dict(
             instance,
             address=instance["url"].removeprefix("http://"),
             state=state,
+            in_flight=in_flight,
             check=_check(instance.get("last_check"), now),
         )
         rows.append([_cell(values[key]) for _, key, _ in COLUMNS])
@@ -75,4 +82,18 @@ def format_stats(stats: dict, now: float | None = None) -> str:
         summary += "; rolling restart under way"
     lines.append("")
     lines.append(summary)
+    queue = stats.get("queue")  # absent from dispatchers before the queue
+    if queue:
+        lines.append(
+            f"queue: {queue['depth']}/{queue['size']} waiting, "
+            f"{queue['served']} served after a wait, {queue['timeouts']} timed out "
+            f"(queue_timeout {queue['timeout']:g}s), {queue['rejected']} turned "
+            "away (full)"
+        )
+    if stats.get("recycled"):
+        recycled = sorted(stats["recycled"].items())
+        lines.append(
+            "recycled: "
+            + ", ".join(f"{count} by {reason}" for reason, count in recycled)
+        )
     return "\n".join(lines)

@@ -148,7 +148,6 @@ use = egg:pyramid_lb#dispatcher
 use = egg:pyramid_lb#waitress
 host = 127.0.0.1
 port = 0
-threads = 16
 outbuf_high_watermark = 1048576
 {server}
 """
@@ -190,7 +189,8 @@ class Processes:
         """``pserve`` of a dispatcher over ``backends`` (instances or URLs);
         ``server`` adds keys to its server section."""
         urls = [getattr(b, "url", b) for b in backends]
-        settings = {"backends": " ".join(urls), **settings}
+        # Even shares at once, for tests that count where requests go.
+        settings = {"backends": " ".join(urls), "slow_start": "0", **settings}
         path = self.tmp_path / f"dispatcher-{len(self.started)}.ini"
         path.write_text(
             DISPATCHER_INI.format(

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -14,8 +15,13 @@ from pyramid_lb import cli
 from pyramid_lb.affinity_cookie import sign
 from pyramid_lb.export import export as export_config
 from pyramid_lb.process import StartupError
-from tests.dispatcher.site import free_port, from_another_address, write_ini
-from tests.processes import BIN, Processes, wait_until
+from tests.dispatcher.site import (
+    free_base_port,
+    free_port,
+    from_another_address,
+    write_ini,
+)
+from tests.processes import BIN, LOGGING_INI, ROOT, Processes, wait_until
 
 
 def binary(name):
@@ -40,6 +46,10 @@ ENGINES = [
 SECRET = "export-test-secret"
 
 BASE_INI = """
+[server:main]
+use = egg:waitress#main
+threads = 2
+
 [app:dispatcher]
 use = egg:pyramid_lb#dispatcher
 instances = 2
@@ -201,7 +211,8 @@ STICKY = f"affinity_secret = {SECRET}\nsticky = "
             [
                 "map $cookie_lb_affinity $pyramid_lb_upstream {",
                 f'"{sign("site-2", SECRET)}" pyramid_lb_1;',
-                "server 127.0.0.1:7001 max_fails=3 fail_timeout=5s backup;  # site-1",
+                "server 127.0.0.1:7001 max_fails=3 fail_timeout=5s max_conns=2 backup;"
+                "  # site-1",
                 "proxy_pass http://$pyramid_lb_upstream;",
             ],
             id="sticky cookie nginx",
@@ -212,7 +223,8 @@ STICKY = f"affinity_secret = {SECRET}\nsticky = "
             [
                 "    cookie lb_affinity\n",
                 "option redispatch 1",
-                f"server site-2 127.0.0.1:7002 cookie {sign('site-2', SECRET)}\n",
+                "server site-2 127.0.0.1:7002 maxconn 2 "
+                f"cookie {sign('site-2', SECRET)}\n",
             ],
             id="sticky cookie haproxy",
         ),
@@ -239,14 +251,15 @@ STICKY = f"affinity_secret = {SECRET}\nsticky = "
                 "option httpchk GET /ready",
                 "http-check expect status 200",
                 "timeout check 500ms",
-                "default-server check inter 250ms rise 1 fall 4 pool-max-conn 32\n",
+                "default-server check inter 250ms rise 1 fall 4 slowstart 3s "
+                "pool-max-conn 32\n",
             ],
             id="checks haproxy",
         ),
         pytest.param(
             "eject_after = 5\neject_time = 30",
             "nginx",
-            ["max_fails=5 fail_timeout=30s;", "only passive health checks"],
+            ["max_fails=5 fail_timeout=30s max_conns=2;", "only passive health checks"],
             id="checks nginx",
         ),
         pytest.param(
@@ -293,6 +306,154 @@ def test_a_hashed_key_stays_home_unless_bounded_loads_are_asked_for(tmp_path, en
         assert (word in text) is bounded
 
 
+CAPPED_BACKENDS = (
+    "backends = http://127.0.0.1:7005 max_in_flight=3 http://127.0.0.1:7006"
+)
+NUMBERS = "max_in_flight = 5\nqueue_size = 7\nqueue_timeout = 1.5\nslow_start = 20"
+OFF = "max_in_flight = off\nslow_start = 0"
+HAPROXY_QUEUE = ("timeout queue", "queue()")
+
+
+@pytest.mark.parametrize(
+    ("settings", "engine", "expected", "unexpected"),
+    [
+        pytest.param(
+            "",
+            "haproxy",
+            [
+                # auto: the threads of [server:main]
+                "server site-1 127.0.0.1:7001 maxconn 2\n",
+                "server site-2 127.0.0.1:7002 maxconn 2\n",
+                "timeout queue 10s\n",
+                "http-request deny deny_status 503 if { queue() ge 100 }\n",
+                "rise 2 fall 3 observe layer4 error-limit 3 on-error mark-down "
+                "slowstart 3s pool-max-conn 32\n",
+                "maxqueue bounds its own queue only",
+            ],
+            [],
+            id="defaults haproxy",
+        ),
+        pytest.param(
+            "",
+            "nginx",
+            [
+                "server 127.0.0.1:7001 max_fails=3 fail_timeout=5s max_conns=2;"
+                "  # site-1",
+                "server 127.0.0.1:7002 max_fails=3 fail_timeout=5s max_conns=2;"
+                "  # site-2",
+                "nginx OSS has no queue",
+                "gets 502 at once",
+                "(queue_size = 100,\n    # queue_timeout = 10s)",
+                "nginx OSS has no slow start",
+                "slow_start = 3s.",
+            ],
+            ["by hash or affinity"],
+            id="defaults nginx",
+        ),
+        pytest.param(
+            f"{NUMBERS}\n{CAPPED_BACKENDS}",
+            "haproxy",
+            [
+                "server site-1 127.0.0.1:7001 maxconn 5\n",
+                # its own number, else the setting's
+                "server 127.0.0.1:7005 127.0.0.1:7005 maxconn 3\n",
+                "server 127.0.0.1:7006 127.0.0.1:7006 maxconn 5\n",
+                "timeout queue 1500ms\n",
+                "if { queue() ge 7 }\n",
+                " slowstart 20s ",
+            ],
+            [],
+            id="numbers haproxy",
+        ),
+        pytest.param(
+            f"{NUMBERS}\n{CAPPED_BACKENDS}",
+            "nginx",
+            [
+                "max_conns=5;  # site-1",
+                "max_conns=3;  # 127.0.0.1:7005",
+                "max_conns=5;  # 127.0.0.1:7006",
+                "(queue_size = 7,\n    # queue_timeout = 1500ms)",
+                "slow_start = 20s.",
+            ],
+            [],
+            id="numbers nginx",
+        ),
+        pytest.param(
+            CAPPED_BACKENDS,
+            "haproxy",
+            [
+                "server site-1 127.0.0.1:7001 maxconn 2\n",
+                "server 127.0.0.1:7005 127.0.0.1:7005 maxconn 3\n",
+                # auto: no cap for a backend without its own
+                "server 127.0.0.1:7006 127.0.0.1:7006\n",
+            ],
+            [],
+            id="backends auto haproxy",
+        ),
+        pytest.param(
+            CAPPED_BACKENDS,
+            "nginx",
+            ["max_conns=3;  # 127.0.0.1:7005", "fail_timeout=5s;  # 127.0.0.1:7006"],
+            [],
+            id="backends auto nginx",
+        ),
+        pytest.param(
+            OFF,
+            "haproxy",
+            [],
+            ["maxconn", "slowstart", "max_in_flight", *HAPROXY_QUEUE],
+            id="off haproxy",
+        ),
+        pytest.param(
+            OFF, "nginx", [], ["max_conns", "no queue", "slow start"], id="off nginx"
+        ),
+        pytest.param(
+            f"{OFF}\n{CAPPED_BACKENDS}",
+            "haproxy",
+            [
+                "server site-1 127.0.0.1:7001\n",
+                "server 127.0.0.1:7005 127.0.0.1:7005 maxconn 3\n",
+                "server 127.0.0.1:7006 127.0.0.1:7006\n",
+                *HAPROXY_QUEUE,
+            ],
+            ["slowstart"],
+            id="off but a backend haproxy",
+        ),
+        pytest.param(
+            "queue_size = 0",
+            "haproxy",
+            ["queue_size = 0: no queue", "timeout queue 1ms\n"],
+            ["queue() ge"],
+            id="no queue haproxy",
+        ),
+        pytest.param(
+            "queue_size = 0",
+            "nginx",
+            ["where the dispatcher answers 503 (queue_size = 0)."],
+            ["queue_timeout"],
+            id="no queue nginx",
+        ),
+        pytest.param(
+            f"strategy = hash\n{STICKY}cookie",
+            "nginx",
+            ["One whose own instance (by hash or affinity) is at max_conns"],
+            [],
+            id="hash nginx",
+        ),
+    ],
+)
+def test_caps_queue_and_slow_start(tmp_path, settings, engine, expected, unexpected):
+    text = export(tmp_path, engine, settings)
+    for line in expected:
+        assert line in text
+    for word in unexpected:
+        assert word not in text
+    if engine == "nginx":  # nothing of nginx Plus's
+        directives = [ln.strip() for ln in text.splitlines() if "#" not in ln]
+        assert not [ln for ln in directives if "slow_start" in ln or "queue" in ln]
+    check_config(engine, config_file(tmp_path, engine))
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_complete_config_with_forwarded_headers_and_no_admin(tmp_path, engine):
     text = export(tmp_path, engine)
@@ -328,19 +489,22 @@ def test_a_complete_config_with_forwarded_headers_and_no_admin(tmp_path, engine)
 
 
 def test_instances_are_named_and_numbered_as_the_supervisor_does(tmp_path):
-    (tmp_path / "other.ini").write_text("[app:main]\n")
+    (tmp_path / "other.ini").write_text(
+        "[app:main]\n[server:main]\nuse = egg:waitress#main\nthreads = 3\n"
+    )
     text = export(
         tmp_path,
         "haproxy",
         "ini_files = other.ini site.ini\nbackends = http://10.0.0.5:6543",
     )
-    servers = re.findall(r"^    server (\S+) (\S+)", text, re.M)
+    servers = re.findall(r"^    server (\S+) (\S+)(?: maxconn (\d+))?", text, re.M)
+    # Each spawned one capped by the threads of its own ini (auto).
     assert servers == [
-        ("site-1", "127.0.0.1:7001"),
-        ("site-2", "127.0.0.1:7002"),
-        ("other-1", "127.0.0.1:7003"),
-        ("site-3", "127.0.0.1:7004"),
-        ("10.0.0.5:6543", "10.0.0.5:6543"),
+        ("site-1", "127.0.0.1:7001", "2"),
+        ("site-2", "127.0.0.1:7002", "2"),
+        ("other-1", "127.0.0.1:7003", "3"),
+        ("site-3", "127.0.0.1:7004", "2"),
+        ("10.0.0.5:6543", "10.0.0.5:6543", ""),
     ]
     check_config("haproxy", config_file(tmp_path, "haproxy"))
 
@@ -427,7 +591,8 @@ def test_listens_where_the_dispatcher_would(
             id="base_port",
         ),
         pytest.param(
-            "[app:dispatcher]\nuse = egg:pyramid_lb#dispatcher\ninstances = 1\n",
+            "[app:dispatcher]\nuse = egg:pyramid_lb#dispatcher\ninstances = 1\n"
+            "[server:main]\nuse = egg:waitress#main\n",
             [],
             "has no [server:dispatcher] section: give --listen HOST:PORT",
             id="no server",
@@ -493,6 +658,28 @@ def answers(url):
         return False
 
 
+def front(processes, ini, engine, directory):
+    """``engine`` running the export of ``ini``, from ``directory``, on a
+    free port, answering: its URL and process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    directory.mkdir()
+    config = config_file(directory, engine)
+    argv = ["export", engine, str(ini), "--listen", f"127.0.0.1:{port}"]
+    assert cli.main([*argv, "-o", str(config)]) == 0
+    if engine == "nginx":
+        argv = [NGINX, "-p", directory, "-c", config, "-e", "stderr"]
+        argv += ["-g", "daemon off;"]
+    else:
+        argv = [HAPROXY, "-db", "-f", config]
+    proxy = processes.start(argv, name=engine)
+    try:
+        wait_until(lambda: answers(url + "/whoami"), 15)
+    except AssertionError:
+        raise AssertionError(f"{engine} does not answer:\n{proxy.output()}") from None
+    return url, proxy
+
+
 class Site:
     """Three demo instances under ``pyramid-lb serve --no-dispatcher``, fronted
     by the exported configuration of ``engine``, running."""
@@ -514,24 +701,8 @@ class Site:
         )
         for port in self.ports:
             wait_until(lambda p=port: answers(f"http://127.0.0.1:{p}/readyz"), 30)
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
         self.dir = tmp_path / engine
-        self.dir.mkdir()
-        config = config_file(self.dir, engine)
-        argv = ["export", engine, str(ini), "--listen", f"127.0.0.1:{port}"]
-        assert cli.main([*argv, "-o", str(config)]) == 0
-        if engine == "nginx":
-            argv = [NGINX, "-p", self.dir, "-c", config, "-e", "stderr"]
-            argv += ["-g", "daemon off;"]
-        else:
-            argv = [HAPROXY, "-db", "-f", config]
-        self.proxy = processes.start(argv, name=engine)
-        try:
-            wait_until(lambda: answers(self.url + "/whoami"), 15)
-        except AssertionError:
-            output = self.proxy.output()
-            raise AssertionError(f"{engine} does not answer:\n{output}") from None
+        self.url, self.proxy = front(processes, ini, engine, self.dir)
 
     @property
     def ports(self):
@@ -655,3 +826,65 @@ def nginx_takes_it_out(site):
     assert not any(tried[-15:])
     disabled = "upstream server temporarily disabled"
     assert disabled in (site.dir / "error.log").read_text()
+
+
+COUNTING_INI = """
+[app:main]
+use = call:tests.fixtureapps.counting_app:main
+
+[server:main]
+use = call:tests.fixtureapps.counting_app:server_factory
+get port = http_port
+threads = 1
+
+[app:dispatcher]
+use = egg:pyramid_lb#dispatcher
+instances = 1
+base_port = {base_port}
+
+[server:dispatcher]
+use = egg:waitress#main
+listen = 127.0.0.1:0
+
+[DEFAULT]
+http_port = 6543
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_instance_gets_no_more_requests_at_once_than_its_threads(
+    processes, tmp_path, engine
+):
+    """threads = 1 (max_in_flight = auto), and a server that shows the app
+    every request sent: HAProxy keeps the second of two requests in its queue
+    until the first is done; nginx OSS, which has no queue, answers it 502."""
+    base_port = free_base_port(1)
+    ini = tmp_path / "site.ini"
+    ini.write_text(COUNTING_INI.format(base_port=base_port) + LOGGING_INI)
+    processes.start(
+        [BIN / "pyramid-lb", "serve", ini, "--no-dispatcher"],
+        name="instances",
+        env={"PYTHONPATH": str(ROOT)},  # for tests.fixtureapps
+    )
+    instance = f"http://127.0.0.1:{base_port}"
+    wait_until(lambda: answers(instance + "/readyz"), 30)
+    url, _ = front(processes, ini, engine, tmp_path / engine)
+
+    def counts():
+        return requests.get(instance + "/counts", timeout=5).json()
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(requests.get, url + "/slow?s=1", timeout=10)
+        wait_until(lambda: counts()["now"] == 1, 5)
+        started = time.monotonic()
+        second = requests.get(url + "/slow?s=0.1", timeout=10)
+        took = time.monotonic() - started
+        assert first.result().status_code == 200
+    assert counts()["most"] == 1
+    if engine == "haproxy":
+        assert second.status_code == 200
+        assert took > 0.5  # it waited for the first
+    else:
+        assert second.status_code == 502
+        assert took < 0.5  # at once
+        assert "no live upstreams" in (tmp_path / engine / "error.log").read_text()

@@ -1,17 +1,24 @@
 """pyramid_lb.server: waitress hardened, tried with raw sockets on a real
 dispatcher in front of a canned instance that records what reaches it."""
 
+import inspect
+import logging
 import re
 import resource
 import signal
 import socket
+import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import waitress
+from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer, MultiSocketServer
+from waitress.task import ThreadedTaskDispatcher
 
 from pyramid_lb import server as front
 from tests.dispatcher.canned import Canned
@@ -74,6 +81,152 @@ def test_the_section_wins_over_the_defaults_and_the_app_supplies_its_own():
         assert server.adj.max_request_body_size == 1234
     finally:
         server.close()
+
+
+def test_waitress_asks_its_task_dispatcher_only_what_the_router_answers():
+    """AdminRouter stands in for waitress's task dispatcher: if waitress
+    calls anything else on it, or passes it something else, fix the router."""
+    source = Path(waitress.__file__).parent
+    uses = re.compile(r"(?<!asyncore\.)\b(?:task_)?dispatcher\.(\w+)\(")
+    called = set()
+    for module in ("server.py", "channel.py", "task.py", "runner.py"):
+        called |= set(uses.findall((source / module).read_text()))
+    assert called == {"add_task", "set_thread_count", "shutdown"}
+    assert "self.server.add_task(self)" in (source / "channel.py").read_text()
+    for name in called:  # called positionally: the same arguments and defaults
+        ours, theirs = (
+            [p.default for p in inspect.signature(method).parameters.values()]
+            for method in (
+                getattr(front.AdminRouter, name),
+                getattr(ThreadedTaskDispatcher, name),
+            )
+        )
+        assert ours == theirs, name
+
+
+def test_only_an_app_with_an_admin_prefix_gets_the_router():
+    class App:
+        admin_prefix = "/_lb"
+
+        def __call__(self, environ, start_response):
+            return []
+
+    plain = front.create_server(lambda e, s: [], {"listen": "127.0.0.1:0"})
+    plain.close()
+    assert type(plain.task_dispatcher) is ThreadedTaskDispatcher
+    server = front.create_server(
+        App(), {"listen": "127.0.0.1:0 127.0.0.1:0", "threads": 3}
+    )
+    try:
+        router = server.task_dispatcher
+        assert isinstance(router, front.AdminRouter)
+        assert [o.task_dispatcher for o in front._listeners(server)] == [router] * 2
+        assert len(router.main.threads) == 3
+        assert len(router.admin.threads) == front.ADMIN_THREADS
+    finally:
+        server.close()
+    assert router.main.threads == router.admin.threads == set()
+
+
+@pytest.mark.parametrize("prefix", ["/", "", "_lb", 5])
+def test_an_admin_prefix_must_be_a_path(prefix):
+    class App:
+        admin_prefix = prefix
+
+    with pytest.raises(ValueError, match=re.escape(f"admin_prefix = {prefix!r}")):
+        front.create_server(App(), {"listen": "127.0.0.1:0"})
+
+
+class Recorder:
+    def __init__(self):
+        self.tasks = []
+        self.calls = []
+
+    def add_task(self, task):
+        self.tasks.append(task)
+
+    def set_thread_count(self, count):
+        self.calls.append(("set_thread_count", count))
+
+    def shutdown(self, cancel_pending=True, timeout=5):
+        self.calls.append(("shutdown", cancel_pending, timeout))
+        return True
+
+
+@pytest.mark.parametrize(
+    ("paths", "url_prefix", "admin"),
+    [
+        pytest.param(["/_lb"], "", True, id="the prefix"),
+        pytest.param(["/_lb/"], "", True, id="the prefix and a slash"),
+        pytest.param(["/_lb/stats.json"], "", True, id="under the prefix"),
+        pytest.param(["//_lb/metrics"], "", True, id="leading slashes, as waitress"),
+        pytest.param(["/_lbx"], "", False, id="a longer name"),
+        pytest.param(["/app/_lb/stats"], "", False, id="the prefix further on"),
+        pytest.param(["/", "/_lb/stats"], "", False, id="the first request decides"),
+        pytest.param(["/_lb/stats", "/"], "", True, id="an admin one first"),
+        pytest.param(["/app/_lb/stats"], "/app", True, id="under url_prefix"),
+        pytest.param(["/_lb/stats"], "/app", True, id="outside url_prefix"),
+        pytest.param(["/app"], "/app", False, id="url_prefix itself"),
+        pytest.param([None], "", False, id="a request refused unparsed"),
+        pytest.param([], "", False, id="no request"),
+    ],
+)
+def test_the_router_sends_a_connection_by_its_next_request(paths, url_prefix, admin):
+    main, admins = Recorder(), Recorder()
+    router = front.AdminRouter(main, admins, "/_lb", url_prefix)
+    requests = [SimpleNamespace(path=p) if p else SimpleNamespace() for p in paths]
+    channel = SimpleNamespace(requests=requests)
+    router.add_task(channel)
+    assert (admins.tasks, main.tasks) == (([channel], []) if admin else ([], [channel]))
+
+
+def test_the_router_passes_on_thread_counts_and_stops_both():
+    main, admin = Recorder(), Recorder()
+    router = front.AdminRouter(main, admin, "/_lb")
+    router.set_thread_count(7)
+    assert router.shutdown(timeout=3) is True
+    assert main.calls == [("set_thread_count", 7), ("shutdown", True, 3)]
+    (stop, (name, cancel, timeout)) = admin.calls
+    assert stop == ("set_thread_count", 0)  # told first: both stop meanwhile
+    assert (name, cancel) == ("shutdown", True) and 2.5 < timeout <= 3
+
+
+class Threaded:
+    def __init__(self, threads):
+        self.server_defaults = {} if threads is None else {"threads": threads}
+
+    def __call__(self, environ, start_response):
+        return []
+
+
+@pytest.mark.parametrize(
+    ("section", "needed", "threads", "warned"),
+    [
+        pytest.param("2", 8, 2, True, id="fewer than needed: kept, and said"),
+        pytest.param(8, 8, 8, False, id="as many as needed"),
+        pytest.param("12", 8, 12, False, id="more"),
+        pytest.param(None, 8, 8, False, id="unset: the app's number"),
+        pytest.param("2", None, 2, False, id="the app needs no number"),
+    ],
+)
+def test_fewer_threads_than_the_dispatcher_needs_are_kept_with_a_warning(
+    caplog, section, needed, threads, warned
+):
+    options = {"listen": "127.0.0.1:0"}
+    if section is not None:
+        options["threads"] = section
+    with caplog.at_level(logging.WARNING, logger="pyramid_lb.server"):
+        server = front.create_server(Threaded(needed), options)
+    server.close()
+    assert server.adj.threads == threads
+    messages = [r.getMessage() for r in caplog.records if r.name == front.log.name]
+    if warned:
+        (message,) = messages
+        assert message.startswith("threads = 2 in the server section, fewer than ")
+        assert "the 8 the dispatcher needs" in message
+        assert "wait inside waitress, unseen, without the queue's timeout" in message
+    else:
+        assert messages == []
 
 
 def test_a_dispatcher_cannot_also_have_waitress_trust_proxies():
@@ -314,6 +467,205 @@ def test_thousands_of_idle_and_slow_clients_lock_nobody_out(port):
     finally:
         for sock in idle + slow:
             sock.close()
+
+
+# -- the app's own endpoints, however busy the proxy is ------------------------------
+
+
+class Blocking:
+    """Answers its path; ``/slow`` waits for ``release``, ``/gate`` for ``gate``."""
+
+    admin_prefix = "/_lb"
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.gate = threading.Event()
+        self.waiting = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        path = environ["PATH_INFO"]
+        event = {"/slow": self.release, "/gate": self.gate}.get(path)
+        if event is not None:
+            with self.lock:
+                self.waiting += 1
+            event.wait(5)
+            with self.lock:
+                self.waiting -= 1
+        body = path.encode()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+
+class Client:
+    """One keep-alive connection to 127.0.0.1."""
+
+    def __init__(self, port, timeout=1.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout)
+        self.received = b""
+
+    def send(self, *paths):
+        self.sock.sendall(
+            b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p for p in paths)
+        )
+
+    def answer(self) -> bytes:
+        """The body of the next answer, a 200."""
+        while True:
+            head, found, rest = self.received.partition(b"\r\n\r\n")
+            if found:
+                length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1])
+                if len(rest) >= length:
+                    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+                    self.received = rest[length:]
+                    return rest[:length]
+            data = self.sock.recv(65536)
+            assert data, f"closed after {self.received!r}"
+            self.received += data
+
+    def timed(self, path) -> float:
+        """Seconds until ``path`` is answered."""
+        started = time.perf_counter()
+        self.send(path)
+        assert self.answer() == path
+        return time.perf_counter() - started
+
+    def silent(self, seconds=0.2) -> bool:
+        self.sock.settimeout(seconds)
+        try:
+            return not self.sock.recv(1, socket.MSG_PEEK)
+        except (TimeoutError, BlockingIOError):
+            return True
+        finally:
+            self.sock.settimeout(1.0)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def serve():
+    """``serve(app, options)``: a server for ``app`` on 127.0.0.1, its loop in a
+    thread. Afterwards the app's events are set, the clients closed, and the
+    server stopped as on SIGTERM; it must leave no thread behind."""
+    before = set(threading.enumerate())
+    started, clients = [], []
+
+    def start(app, options):
+        server = front.create_server(app, {"listen": "127.0.0.1:0", **options})
+        stop = threading.Event()
+        socket_map = front._map(server)
+
+        def loop():
+            while not stop.is_set():
+                wasyncore.loop(timeout=0.01, map=socket_map, use_poll=True, count=1)
+
+        thread = threading.Thread(target=loop, daemon=True)
+        started.append((app, server, stop, thread))
+        thread.start()
+        return server
+
+    def connect(port):
+        clients.append(Client(port))
+        return clients[-1]
+
+    start.connect = connect
+    try:
+        yield start
+    finally:
+        for app, server, stop, thread in started:
+            app.release.set()
+            app.gate.set()
+            for client in clients:
+                client.close()
+            stop.set()
+            thread.join(2)
+            assert front.finish(server, 2)
+        wait_until(lambda: set(threading.enumerate()) <= before, 2)
+
+
+def ports_of(server) -> list[int]:
+    listening = getattr(server, "effective_listen", None)  # several sockets
+    return [port for _, port in listening] if listening else [server.effective_port]
+
+
+def pending(server) -> list[int]:
+    """How many requests each connection has received and not answered."""
+    return sorted(
+        len(channel.requests)
+        for channel in front._map(server).values()
+        if isinstance(channel, HTTPChannel) and channel.requests
+    )
+
+
+#: What "at once" allows on a loaded machine (the suite runs on two cores):
+#: the requests it is compared with wait until the test releases them.
+AT_ONCE = 0.5
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        pytest.param("127.0.0.1:0", id="one listening socket"),
+        pytest.param("127.0.0.1:0 127.0.0.1:0", id="two listening sockets"),
+    ],
+)
+def test_the_admin_endpoints_answer_while_every_proxy_thread_waits(serve, listen):
+    """Both threads wait on /slow and two more /slow wait for a thread; each
+    listening socket answers /_lb/stats at once all the same."""
+    app = Blocking()
+    server = serve(app, {"listen": listen, "threads": 2})
+    ports = ports_of(server)
+    blocked = [serve.connect(ports[i % len(ports)]) for i in range(4)]
+    for client in blocked:
+        client.send(b"/slow")
+    wait_until(lambda: app.waiting == 2, 2)
+    wait_until(lambda: pending(server) == [1, 1, 1, 1], 2)
+    for port in ports:
+        admin = serve.connect(port)
+        assert admin.timed(b"/_lb/stats") < AT_ONCE
+        assert admin.timed(b"/_lb") < AT_ONCE  # and again, on the same connection
+    assert app.waiting == 2 and all(client.silent(0) for client in blocked)
+    app.release.set()
+    assert [client.answer() for client in blocked] == [b"/slow"] * 4
+
+
+def test_each_request_on_a_keep_alive_connection_goes_by_its_own_path(serve):
+    """A connection's proxied request, then an admin one while the proxy's
+    threads are busy, then a proxied one again, which waits its turn."""
+    app = Blocking()
+    (port,) = ports_of(serve(app, {"threads": 2}))
+    kept = serve.connect(port)
+    assert kept.timed(b"/first") < 1
+    for client in (serve.connect(port), serve.connect(port)):
+        client.send(b"/slow")
+    wait_until(lambda: app.waiting == 2, 2)
+    assert kept.timed(b"/_lb/stats.json") < AT_ONCE
+    kept.send(b"/proxied")
+    assert kept.silent(0.2)
+    app.release.set()
+    assert kept.answer() == b"/proxied"
+    assert kept.timed(b"/_lb/metrics") < AT_ONCE
+
+
+def test_a_pipelined_admin_request_goes_to_its_threads_after_a_proxied_one(serve):
+    """/gate and /_lb/stats arrive together; when /gate is answered, the
+    admin request does not queue behind the /slow waiting for a thread."""
+    app = Blocking()
+    server = serve(app, {"threads": 2})
+    (port,) = ports_of(server)
+    serve.connect(port).send(b"/slow")
+    wait_until(lambda: app.waiting == 1, 2)
+    kept = serve.connect(port)
+    kept.send(b"/gate", b"/_lb/stats")
+    wait_until(lambda: app.waiting == 2 and pending(server) == [1, 2], 2)
+    serve.connect(port).send(b"/slow")  # next in line for a proxy thread
+    wait_until(lambda: pending(server) == [1, 1, 2], 2)
+    app.gate.set()
+    assert kept.answer() == b"/gate"
+    started = time.perf_counter()
+    assert kept.answer() == b"/_lb/stats"
+    assert time.perf_counter() - started < AT_ONCE
 
 
 # -- stopping --------------------------------------------------------------------------

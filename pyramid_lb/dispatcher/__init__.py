@@ -12,13 +12,14 @@ from pyramid_lb.dispatcher.admin import PREFIX, Admin
 from pyramid_lb.dispatcher.balancer import make_strategy
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
-from pyramid_lb.dispatcher.config import DispatcherConfig, parse_dispatcher
+from pyramid_lb.dispatcher.config import AUTO, DispatcherConfig, parse_dispatcher
 from pyramid_lb.dispatcher.operations import Busy, Operations
 from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
+from pyramid_lb.dispatcher.queueing import RequestQueue
 from pyramid_lb.dispatcher.sticky import Sticky
 from pyramid_lb.dispatcher.supervisor import Supervisor
 from pyramid_lb.forwarded import ProxyHeaders
-from pyramid_lb.process import stop_on_signals
+from pyramid_lb.process import WAITRESS_THREADS, outside_the_handler, stop_on_signals
 from pyramid_lb.settings import SettingsError
 
 log = logging.getLogger("pyramid_lb.dispatcher")
@@ -31,6 +32,10 @@ class Dispatcher:
     copies of its ``[app:main]``, and ``ini_files`` are relative to it.
     """
 
+    #: Paths of its own (stats, admin), which the server gives threads of
+    #: their own (see :mod:`pyramid_lb.server`).
+    admin_prefix = PREFIX
+
     def __init__(self, config: DispatcherConfig, ini: str | None = None):
         #: The parsed ``[app:dispatcher]`` (see :mod:`.config`).
         self.config = config
@@ -40,11 +45,23 @@ class Dispatcher:
             read_timeout=config.read_timeout,
         )
         self.cluster = Cluster(
-            eject_after=config.eject_after, eject_time=config.eject_time
+            eject_after=config.eject_after,
+            eject_time=config.eject_time,
+            slow_start=config.slow_start,
+            queue=RequestQueue(config.queue_size, config.queue_timeout),
         )
         for spec in config.backends:
+            cap = spec.max_in_flight
+            if cap == AUTO:  # its threads are unknown here: the setting's, if any
+                cap = None if config.max_in_flight == AUTO else config.max_in_flight
             self.cluster.add(
-                Backend(spec.url, weight=spec.weight, state=UP, **pool_options)
+                Backend(
+                    spec.url,
+                    weight=spec.weight,
+                    state=UP,
+                    max_in_flight=cap,
+                    **pool_options,
+                )
             )
         options = {}
         if config.strategy == "hash":
@@ -116,6 +133,10 @@ class Dispatcher:
                 backend_options=pool_options,
                 operations=self.operations,
                 on_fatal=self._fatal,
+                max_requests=config.max_requests,
+                max_requests_jitter=config.max_requests_jitter,
+                max_memory=config.max_memory,
+                max_in_flight=config.max_in_flight,
             )
         self.admin = Admin(self, config.admin_allow, config.admin_hosts)
         #: Server settings the dispatcher needs (see pyramid_lb.server): a
@@ -125,8 +146,22 @@ class Dispatcher:
         self.server_defaults = {
             "max_request_body_size": config.max_body_size + 1,
             "clear_untrusted_proxy_headers": False,
+            "threads": self._threads_needed(ini),
         }
         self._stopped = False
+
+    def _threads_needed(self, ini: str | None) -> int:
+        """Worker threads for the dispatcher's server: one per request the
+        instances may have in flight plus one per place in the queue (a
+        request waits on its thread), so that none waits inside waitress,
+        unseen and untimed. An instance without a cap counts as waitress's
+        default."""
+        config = self.config
+        caps = [b.max_in_flight or WAITRESS_THREADS for b in self.cluster.backends]
+        if self.supervisor is not None:
+            for path in self.supervisor.plan:
+                caps.append(self.supervisor.in_flight_cap(path) or WAITRESS_THREADS)
+        return max(WAITRESS_THREADS, sum(caps) + config.queue_size)
 
     def start(self) -> None:
         """Spawn the instances and start checking them."""
@@ -203,14 +238,16 @@ class Dispatcher:
             return False
         stop_on_signals(log, quiet=lambda: self.failure is not None)
 
-        def on_sighup(signum, frame):
+        def rolling_restart():
             log.info("SIGHUP: rolling restart")
             try:
                 self.supervisor.rolling_restart(background=True)
             except Busy as exc:
                 log.warning("SIGHUP: no rolling restart: %s", exc)
 
-        signal.signal(signal.SIGHUP, on_sighup)
+        signal.signal(
+            signal.SIGHUP, lambda signum, frame: outside_the_handler(rolling_restart)
+        )
         self._signals = True
         return True
 

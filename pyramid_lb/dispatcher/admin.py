@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from pyramid_lb.addresses import is_ip, parse_host
 from pyramid_lb.dispatcher.cluster import DRAINING, FAILED, UP
 from pyramid_lb.dispatcher.operations import Busy
+from pyramid_lb.dispatcher.queueing import WAIT_BUCKETS
 from pyramid_lb.dispatcher.stats import BUCKETS, CLASSES, KEEP
 from pyramid_lb.settings import SettingsError
 
@@ -221,6 +222,8 @@ class Admin:
                     "held": backend.held,
                     "weight": backend.weight,
                     "in_flight": backend.in_flight,
+                    "max_in_flight": backend.max_in_flight,
+                    "slow_start_share": round(dispatcher.cluster.share(backend), 3),
                     "requests": backend.requests,
                     "errors": backend.errors,
                     "retries": backend.retries,
@@ -248,6 +251,8 @@ class Admin:
             (now - KEEP + index + offset, routed[index], unrouted[index])
             for index in range(KEEP)
         ]
+        queue = dispatcher.cluster.queue
+        recycled = getattr(supervisor, "recycled", None) or {}
         return {
             "time": time.time(),
             "strategy": dispatcher.config.strategy,
@@ -268,6 +273,16 @@ class Admin:
                 "rate": history[-1][1] if history else 0,
             },
             "rate": history,
+            "queue": {
+                "depth": queue.depth,
+                "size": queue.size,
+                "timeout": queue.timeout,
+                "served": queue.served,
+                "timeouts": queue.timeouts,
+                "rejected": queue.rejected,
+                "wait_ms_total": round(queue.waited * 1000, 1),
+            },
+            "recycled": dict(recycled),
             "instances": instances,
         }
 
@@ -408,18 +423,25 @@ class Metrics:
         restarted = CounterMetricFamily(
             "pyramid_lb_restarts", "Restarts of a spawned instance", labels=["instance"]
         )
+        cap = GaugeMetricFamily(
+            "pyramid_lb_max_in_flight",
+            "The instance's cap on requests in flight (absent: none)",
+            labels=["instance"],
+        )
+        share = GaugeMetricFamily(
+            "pyramid_lb_slow_start_share",
+            "Share of its turns the instance gets (below 1 in its slow start)",
+            labels=["instance"],
+        )
         candidates = set(dispatcher.cluster.candidates())
         tallies = [(b.name, b.tally) for b in list(dispatcher.cluster.backends)]
         tallies.append(("none", dispatcher.proxy.unrouted))
         for name, tally in tallies:
             for code_class, count in zip(CLASSES, tally.classes, strict=True):
                 requests.add_metric([name, code_class], count)
-            cumulative, buckets = 0, []
-            for bound, count in zip(BUCKETS, tally.buckets, strict=False):
-                cumulative += count
-                buckets.append((repr(float(bound)), cumulative))
-            buckets.append(("+Inf", cumulative + tally.buckets[-1]))
-            latency.add_metric([name], buckets, tally.seconds)
+            latency.add_metric(
+                [name], _cumulative(BUCKETS, tally.buckets), tally.seconds
+            )
         for backend in list(dispatcher.cluster.backends):
             name = backend.name
             in_flight.add_metric([name], backend.in_flight)
@@ -428,4 +450,53 @@ class Metrics:
             ejections.add_metric([name], backend.ejections)
             if name in restarts:
                 restarted.add_metric([name], restarts[name])
+            if backend.max_in_flight is not None:
+                cap.add_metric([name], backend.max_in_flight)
+            share.add_metric([name], dispatcher.cluster.share(backend))
         yield from (requests, latency, in_flight, up, retries, ejections, restarted)
+        yield from (cap, share, *self._queue(CounterMetricFamily, GaugeMetricFamily))
+        yield from self._queue_wait(HistogramMetricFamily)
+
+    def _queue(self, counter, gauge):
+        queue = self.dispatcher.cluster.queue
+        yield gauge(
+            "pyramid_lb_queue_depth", "Requests waiting for an instance", queue.depth
+        )
+        yield counter(
+            "pyramid_lb_queue_timeouts",
+            "Requests that waited queue_timeout in vain (503)",
+            queue.timeouts,
+        )
+        yield counter(
+            "pyramid_lb_queue_rejected",
+            "Requests that found the queue full (503)",
+            queue.rejected,
+        )
+        recycles = counter(
+            "pyramid_lb_recycles",
+            "Instances replaced by max_requests or max_memory",
+            labels=["reason"],
+        )
+        supervisor = self.dispatcher.supervisor
+        for reason, count in (getattr(supervisor, "recycled", None) or {}).items():
+            recycles.add_metric([reason], count)
+        yield recycles
+
+    def _queue_wait(self, histogram):
+        queue = self.dispatcher.cluster.queue
+        wait = histogram(
+            "pyramid_lb_queue_wait_seconds", "Time requests spent in the queue"
+        )
+        wait.add_metric([], _cumulative(WAIT_BUCKETS, queue.buckets), queue.waited)
+        yield wait
+
+
+def _cumulative(bounds, counts) -> list[tuple[str, int]]:
+    """Prometheus histogram buckets from per-bucket ``counts`` (one more than
+    ``bounds``: the last is above them all)."""
+    total, buckets = 0, []
+    for bound, count in zip(bounds, counts, strict=False):
+        total += count
+        buckets.append((repr(float(bound)), total))
+    buckets.append(("+Inf", total + counts[-1]))
+    return buckets

@@ -1,7 +1,10 @@
 """Balancing strategies: which instance takes the next request.
 
-Each strategy picks from the cluster's current candidates (up, not
-draining, not ejected) and skips the instances a retry already tried.
+Each strategy picks from the cluster's eligible instances (up, not
+draining, not ejected, with room under their cap, slow start applied) and
+skips the instances a retry already tried. Consistent hashing is the
+exception: a key keeps to its instance, full or not (the request then
+waits for it).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class RoundRobin:
         self._next = itertools.count().__next__
 
     def choose(self, environ, tried=()) -> Backend | None:
-        candidates = _untried(self.cluster.candidates(), tried)
+        candidates = self.cluster.eligible(tried)
         if not candidates:
             return None
         return candidates[self._next() % len(candidates)]
@@ -50,7 +53,7 @@ class WeightedRoundRobin:
         self._lock = threading.Lock()
 
     def choose(self, environ, tried=()) -> Backend | None:
-        candidates = _untried(self.cluster.candidates(), tried)
+        candidates = self.cluster.eligible(tried)
         if not candidates:
             return None
         with self._lock:
@@ -81,7 +84,7 @@ class LeastConnections:
         self._next = itertools.count().__next__
 
     def choose(self, environ, tried=()) -> Backend | None:
-        candidates = _untried(self.cluster.candidates(), tried)
+        candidates = self.cluster.eligible(tried)
         count = len(candidates)
         if not count:
             return None
@@ -106,7 +109,7 @@ class PowerOfTwoChoices:
         self._random = rng or random.Random()
 
     def choose(self, environ, tried=()) -> Backend | None:
-        candidates = _untried(self.cluster.candidates(), tried)
+        candidates = self.cluster.eligible(tried)
         count = len(candidates)
         if count < 2:
             return candidates[0] if candidates else None

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from urllib.parse import urlsplit
 
+from pyramid_lb.dispatcher.queueing import RequestQueue
 from pyramid_lb.dispatcher.stats import Tally
-from pyramid_lb.dispatcher.upstream import Pool, ReadTimeout, UpstreamError
+from pyramid_lb.dispatcher.upstream import Pool, UpstreamError
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
@@ -23,6 +26,8 @@ FAILED = "failed"  # given up on (the supervisor stopped restarting it)
 
 #: The longest an ejection lasts, however often it repeats (seconds).
 MAX_EJECT_TIME = 300.0
+#: The share of its turns an instance gets when its slow start begins.
+SLOW_START_FLOOR = 0.1
 
 
 def parse_backend_url(url: str) -> tuple[str, int]:
@@ -52,12 +57,16 @@ class Backend:
         name: str | None = None,
         weight: int = 1,
         state: str = UP,
+        max_in_flight: int | None = None,
         **pool_options,
     ):
         self.url = url.rstrip("/")
         self.host, self.port = parse_backend_url(url)
         self.name = name or f"{self.host}:{self.port}"
         self.weight = weight
+        #: Requests it may have in flight at once (None: no cap); the next
+        #: ones wait in the cluster's queue.
+        self.max_in_flight = max_in_flight
         self.pool_options = pool_options
         self.pool = Pool(self.host, self.port, **pool_options)
         self.state = state
@@ -74,6 +83,9 @@ class Backend:
         self.ejections_in_a_row = 0  # each one lasts longer
         self.ejections = 0
         self.ejected_until = 0.0
+        #: When it last became ready: its slow start runs from then (or
+        #: from the end of its last ejection, if later).
+        self.ready_since = -math.inf
         self.lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -81,12 +93,13 @@ class Backend:
 
 
 class Attempt:
-    """One exchange with a backend, counted from the moment it is sent.
+    """One exchange with a backend, on a slot :meth:`Cluster.take` took.
 
     A context manager: every way out of its block ends it once, a failure
     (an exception) included, unless :meth:`keep` handed it on to the body
-    still being streamed, whose close calls :meth:`end`. Passive health is
-    judged by :meth:`answered` (the head came) or the failure.
+    still being streamed, whose close calls :meth:`end`; ending it frees
+    the slot. Passive health is judged by :meth:`answered` (the head came)
+    or the failure.
     """
 
     __slots__ = ("cluster", "backend", "sent", "status", "kept", "ended")
@@ -97,7 +110,6 @@ class Attempt:
         self.status = 0
         self.kept = self.ended = False
         with backend.lock:
-            backend.in_flight += 1
             backend.requests += 1
             if retry:
                 backend.retries += 1
@@ -132,13 +144,12 @@ class Attempt:
         self.ended = True
         backend = self.backend
         with backend.lock:
-            backend.in_flight -= 1
             backend.tally.add(self.status, elapsed)
-        # A failure before the head counts against the instance, but a
-        # timeout: the request may be running still, slowly.
+        self.cluster.release(backend)
+        # A failure before the head counts against the instance, a timeout
+        # too: an instance that stops answering is taken out passively.
         if isinstance(error, UpstreamError) and not self.status:
-            if not isinstance(error, ReadTimeout):
-                self.cluster.failed(backend, str(error))
+            self.cluster.failed(backend, str(error))
         return elapsed
 
 
@@ -157,15 +168,24 @@ class Cluster:
         eject_after: int = 3,
         eject_time: float = 5.0,
         max_eject_time: float = MAX_EJECT_TIME,
+        slow_start: float = 0.0,
+        queue: RequestQueue | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.backends: list[Backend] = list(backends)
         self.eject_after = eject_after
         self.eject_time = eject_time
         self.max_eject_time = max_eject_time
+        self.slow_start = slow_start
+        #: Where requests wait while every instance they may use is full.
+        self.queue = queue or RequestQueue()
         self._clock = clock
         self._lock = threading.RLock()
         self._candidates: tuple[Backend, ...] = ()
+        # Among the candidates: whether any has a cap, and those still in
+        # their slow start (backend -> when it began).
+        self._capped = False
+        self._warming: dict[Backend, float] = {}
         self._recheck_at = 0.0  # when an ejection ends
         self._stale = True
         self.panic = False
@@ -177,6 +197,7 @@ class Cluster:
         self.on_change: Callable[[], None] | None = None
 
     def _changed(self) -> None:
+        self.queue.kick(self)
         if self.on_change is not None:
             self.on_change()
 
@@ -240,13 +261,92 @@ class Cluster:
                     )
                 else:
                     log.info("panic mode over: some instances are healthy again")
-            self._candidates = tuple(serving if panic else healthy)
-            ejected_until = [b.ejected_until for b in serving if b.ejected_until > now]
-            self._recheck_at = min(ejected_until, default=float("inf"))
+            candidates = self._candidates = tuple(serving if panic else healthy)
+            self._capped = any(b.max_in_flight is not None for b in candidates)
+            self._warming = {}
+            ends = [b.ejected_until for b in serving if b.ejected_until > now]
+            if self.slow_start:
+                for backend in candidates:
+                    since = max(backend.ready_since, backend.ejected_until)
+                    if now - since < self.slow_start:
+                        self._warming[backend] = since
+                        ends.append(since + self.slow_start)
+            self._recheck_at = min(ends, default=math.inf)
 
     def changed(self) -> None:
         """Some backend's state changed: recompute the candidates."""
         self._stale = True
+        self.queue.kick(self)
+
+    def eligible(self, tried=()) -> list[Backend] | tuple[Backend, ...]:
+        """The candidates a balancing strategy may pick for a new request:
+        not ``tried``, with room under their cap, and those in their slow
+        start only in a share of the turns that grows to all of them."""
+        candidates = self.candidates()
+        if tried:
+            candidates = [b for b in candidates if b not in tried]
+        if self._capped:
+            candidates = [
+                b
+                for b in candidates
+                if b.max_in_flight is None or b.in_flight < b.max_in_flight
+            ]
+        warming = self._warming
+        if warming and candidates:
+            now, draw = self._clock(), random.random
+            ramped = [
+                b
+                for b in candidates
+                if b not in warming
+                or draw() < max(SLOW_START_FLOOR, (now - warming[b]) / self.slow_start)
+            ]
+            # Turned away by chance from each: better one of them than none.
+            candidates = ramped or candidates
+        return candidates
+
+    @staticmethod
+    def keeps_pinned(backend: Backend) -> bool:
+        """Whether ``backend``, out of rotation, still takes the requests
+        pinned to it: a draining instance keeps its clients until it is
+        gone (see :mod:`pyramid_lb.dispatcher.sticky`)."""
+        return backend.state == UP and backend.held
+
+    def untried(self, tried) -> bool:
+        """Whether any candidate is not in ``tried`` (full or not)."""
+        return any(b not in tried for b in self.candidates())
+
+    def share(self, backend: Backend) -> float:
+        """The share of its turns ``backend`` gets now (below 1 in its slow
+        start)."""
+        self.candidates()
+        since = self._warming.get(backend)
+        if since is None:
+            return 1.0
+        ramp = (self._clock() - since) / self.slow_start
+        return max(SLOW_START_FLOOR, min(1.0, ramp))
+
+    # -- slots under the caps -------------------------------------------------
+
+    @staticmethod
+    def has_room(backend: Backend) -> bool:
+        cap = backend.max_in_flight
+        return cap is None or backend.in_flight < cap
+
+    def take(self, backend: Backend) -> bool:
+        """Take a slot on ``backend`` for a request, if its cap leaves one."""
+        with backend.lock:
+            cap = backend.max_in_flight
+            if cap is not None and backend.in_flight >= cap:
+                return False
+            backend.in_flight += 1
+        return True
+
+    def release(self, backend: Backend) -> None:
+        """Free a slot :meth:`take` took; a waiting request gets it."""
+        with backend.lock:
+            backend.in_flight -= 1
+        if self.queue.depth:
+            self.queue.offer(self, backend)
 
     def set_state(self, backend: Backend, state: str, reason: str = "") -> None:
         with self._lock:  # two callers racing would log the same change twice
@@ -259,6 +359,8 @@ class Cluster:
                 state,
                 f" ({reason})" if reason else "",
             )
+            if state == UP:
+                self._ready_now(backend)
             backend.state = state
             self._stale = True
         if state in (DOWN, FAILED):
@@ -267,9 +369,19 @@ class Cluster:
 
     def hold(self, backend: Backend, held: bool = True) -> None:
         """Stop (or resume) sending new requests to ``backend``."""
+        if backend.held and not held:
+            self._ready_now(backend)
         backend.held = held
         self._stale = True
         self._changed()
+
+    def _ready_now(self, backend: Backend) -> None:
+        """``backend`` is about to take requests: its slow start begins,
+        unless no other instance serves (then it is needed at full speed)."""
+        if any(b.state == UP and not b.held for b in self.backends if b is not backend):
+            backend.ready_since = self._clock()
+        else:
+            backend.ready_since = -math.inf
 
     def move(self, backend: Backend, port: int) -> None:
         """``backend`` listens on ``port`` now; connections to the old one go."""
@@ -283,7 +395,8 @@ class Cluster:
     # -- exchanges and passive health -----------------------------------------
 
     def attempt(self, backend: Backend, retry: bool = False) -> Attempt:
-        """Start counting an exchange with ``backend`` (``retry`` of another)."""
+        """Start counting an exchange with ``backend`` (``retry`` of another),
+        on a slot :meth:`take` took."""
         return Attempt(self, backend, retry)
 
     def ejected(self, backend: Backend) -> bool:

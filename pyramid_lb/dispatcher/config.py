@@ -25,6 +25,7 @@ from pyramid_lb.settings import (
     integer,
     one_of,
     optional,
+    or_off,
     parse,
     ratio,
     seconds,
@@ -34,29 +35,54 @@ from pyramid_lb.settings import (
     words,
 )
 
+#: ``max_in_flight = auto``: a spawned instance's own threads, no cap elsewhere.
+AUTO = "auto"
+
+_cap = or_off(integer(1, 100000))
+
+
+def in_flight_cap(value: Any) -> int | str | None:
+    """``auto``, ``off`` (None) or a number of requests >= 1."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return _cap(value)
+    except ValueError:
+        raise ValueError("expected auto, off or an integer >= 1") from None
+
 
 class BackendSpec(NamedTuple):
     """An instance the dispatcher balances over, as configured."""
 
     url: str
     weight: int = 1
+    #: Its own cap (see ``max_in_flight``), where it gives one.
+    max_in_flight: int | str | None = AUTO
+
+
+_BACKEND_OPTIONS = {"weight": integer(1, 1000), "max_in_flight": _cap}
 
 
 def backend_list(value: Any) -> tuple[BackendSpec, ...]:
     """URLs such as ``http://10.0.0.5:6543``, each optionally followed by
-    ``weight=N``; whitespace or newlines between them."""
+    ``weight=N`` and ``max_in_flight=N``; whitespace or newlines between."""
     if not isinstance(value, str):
         return tuple(value)
     specs: list[BackendSpec] = []
     for word in value.split():
         if "=" in word and "://" not in word:
             option, _, raw = word.partition("=")
-            if option != "weight" or not specs:
+            if option not in _BACKEND_OPTIONS or not specs:
                 raise ValueError(
                     f"{word!r} is not understood; expected URLs such as "
-                    "http://127.0.0.1:6544, each optionally followed by weight=N"
+                    "http://127.0.0.1:6544, each optionally followed by weight=N "
+                    "and max_in_flight=N"
                 )
-            specs[-1] = specs[-1]._replace(weight=integer(1, 1000)(raw))
+            try:
+                converted = _BACKEND_OPTIONS[option](raw)
+            except ValueError as exc:
+                raise ValueError(f"{word!r}: {exc}") from None
+            specs[-1] = specs[-1]._replace(**{option: converted})
         else:
             parse_backend_url(word)
             specs.append(BackendSpec(word))
@@ -103,7 +129,7 @@ DISPATCHER_SETTINGS = (
         backend_list,
         "",
         "Instances to balance over that run elsewhere (not spawned), e.g. "
-        "`http://10.0.0.5:6543 weight=2 http://10.0.0.6:6543`.",
+        "`http://10.0.0.5:6543 weight=2 max_in_flight=8 http://10.0.0.6:6543`.",
     ),
     Setting(
         "strategy",
@@ -159,6 +185,61 @@ DISPATCHER_SETTINGS = (
         size,
         "1G",
         "Largest request body forwarded; larger ones get 413.",
+    ),
+    Setting(
+        "max_in_flight",
+        in_flight_cap,
+        AUTO,
+        "Requests in flight at once per instance; the next ones wait in the "
+        "dispatcher's queue. `auto`: a spawned instance's own waitress "
+        "`threads` (its `[server:main]`, 4 if unset), so that none waits "
+        "unseen inside it, and no cap for `backends` (each takes "
+        "`max_in_flight=N`); else a number, or `off`.",
+    ),
+    Setting(
+        "queue_size",
+        integer(0, 100000),
+        "100",
+        "Requests that may wait, in order, while every instance they may go "
+        "to is at its cap; one more gets 503 with Retry-After at once (0: no "
+        "queue).",
+    ),
+    Setting(
+        "queue_timeout",
+        seconds(allow_zero=False),
+        "10",
+        "How long a request may wait in that queue before it gets 503 with "
+        "Retry-After.",
+    ),
+    Setting(
+        "slow_start",
+        seconds(),
+        "3",
+        "Time over which an instance that becomes ready (new, restarted, back "
+        "from down or an ejection) ramps from a tenth to its full share of new "
+        "requests (0: at once).",
+    ),
+    Setting(
+        "max_requests",
+        integer(0),
+        "0",
+        "Requests after which a spawned instance is replaced the way a rolling "
+        "restart does it, one instance at a time (0: never).",
+    ),
+    Setting(
+        "max_requests_jitter",
+        integer(0),
+        "0",
+        "Up to this many requests added at random to each instance's "
+        "`max_requests`, so that instances started together are not replaced "
+        "together.",
+    ),
+    Setting(
+        "max_memory",
+        or_off(size),
+        "off",
+        "Resident memory (e.g. `512M`) above which a spawned instance is "
+        "replaced the same way (`off`: never).",
     ),
     Setting(
         "pool_size",

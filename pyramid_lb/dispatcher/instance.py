@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,6 +100,29 @@ def forwarded_options(
     }
 
 
+def insist_on_stopping(interval: float = 0.5) -> None:
+    """Under a server other than waitress, SIGTERM raises SystemExit again
+    every ``interval`` seconds until the server ends: one may swallow it
+    (wsgiref's request handler catches everything, SystemExit included,
+    when the signal lands while it answers)."""
+    stop = signal.getsignal(signal.SIGTERM)
+
+    def again():
+        while True:
+            time.sleep(interval)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        if repeating.is_set():
+            raise SystemExit(0)  # said already
+        repeating.set()
+        threading.Thread(target=again, daemon=True).start()
+        stop(signum, frame)
+
+    repeating = threading.Event()
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def stop_at_once(app: Any) -> None:
     """SIGTERM and SIGINT stop the server without draining: the dispatcher
     drained this instance already."""
@@ -132,6 +156,7 @@ def serve(
             server_name,
             port,
         )
+        insist_on_stopping()
         server.create()(app)
         return
     conf = dict(server.local_conf)

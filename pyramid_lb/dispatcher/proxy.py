@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 from pyramid_lb.addresses import parse_host
 from pyramid_lb.dispatcher.cluster import Attempt, Backend, Cluster
+from pyramid_lb.dispatcher.queueing import FULL, GONE
 from pyramid_lb.dispatcher.stats import Tally
 from pyramid_lb.dispatcher.upstream import (
     NO_BODY,
@@ -378,6 +379,7 @@ class Task:
         "length",
         "body",
         "tried",
+        "why",
     )
 
     def __init__(self, proxy: Proxy, environ, start_response):
@@ -397,6 +399,8 @@ class Task:
         self.length = 0
         self.body = NO_BODY
         self.tried: list[Backend] = []
+        #: Why no (other) instance took the request, once that is so.
+        self.why = "no instance is available to take the request"
 
     def run(self):
         """The WSGI answer: the instance's, or one of the proxy's own."""
@@ -469,48 +473,95 @@ class Task:
                     return self.respond(attempt, response, pin)
             except UpstreamError as exc:
                 error, reached = exc, reached or exc.sent
+                refusal = self.retry_refusal(exc)
                 log.warning(
-                    "request %s %s %s to instance %s failed: %s",
+                    "request %s %s %s to instance %s failed: %s%s",
                     self.request_id,
                     self.method,
                     environ.get("PATH_INFO", ""),
                     backend.name,
                     exc,
+                    f"; not retried: {refusal}" if refusal else "",
                 )
-                if not self.may_retry(exc):
+                if refusal:
+                    self.why = refusal
                     break
             except ShortBody as exc:  # the client's body ended early
                 return self.refuse(400, str(exc))
-        if error is None or not reached:
+        retry_after = [("Retry-After", proxy.retry_after)]
+        if error is None:
+            return self.refuse(503, self.why, retry_after)
+        if not reached:  # no instance had it: worth trying again shortly
+            last = self.tried[-1].name
             return self.refuse(
-                503,
-                "no instance is available to take the request",
-                [("Retry-After", proxy.retry_after)],
+                503, f"instance {last}: {error}; {self.why}", retry_after
             )
         return self.refuse(error.status, str(error))
 
     def choose(self, pinned: Backend | None) -> Backend | None:
-        """The next instance to try (the pinned one first), or None."""
-        tried = self.tried
-        if pinned is not None and not tried:
-            backend = pinned
-        else:
-            backend = self.proxy.strategy.choose(self.environ, tried)
-        if backend is not None:
-            tried.append(backend)
-        return backend
+        """The next instance to try (the pinned one first), with a slot taken
+        on it; while every one it may go to is full, it waits in the queue.
+        None, with ``why`` said, when there is none."""
+        proxy, tried = self.proxy, self.tried
+        cluster, queue = proxy.cluster, proxy.cluster.queue
+        want = pinned if pinned is not None and not tried else None
+        while True:
+            backend = want or proxy.strategy.choose(self.environ, tried)
+            # Nobody overtakes the queue.
+            if backend is not None and not queue.depth and cluster.take(backend):
+                tried.append(backend)
+                return backend
+            if backend is None and not cluster.untried(tried):
+                if tried:
+                    self.why = "no other instance is available to try it on"
+                return None
+            # Pinned, or hashed to a full instance: that one; else any.
+            bound = None
+            if backend is not None and (
+                backend is want or not cluster.has_room(backend)
+            ):
+                bound = backend
+            backend, ended = queue.wait(cluster, bound, tried)
+            if backend is not None:
+                tried.append(backend)
+                return backend
+            if ended == GONE and bound is not None:
+                want = None  # its instance left rotation: balanced as usual
+                continue
+            if ended == FULL:
+                self.why = (
+                    f"every instance is busy and {queue.size} requests wait "
+                    "already (queue_size)"
+                )
+            elif ended == GONE:
+                self.why = "no instance is available to take the request"
+            else:
+                self.why = (
+                    f"every instance stayed busy for {queue.timeout:g}s (queue_timeout)"
+                )
+            return None
 
-    def may_retry(self, error: UpstreamError) -> bool:
-        """Whether to try another instance after ``error``. The retry budget
-        is spent last, once nothing else stands in the way."""
-        if len(self.tried) > self.proxy.retries:
-            return False
+    def retry_refusal(self, error: UpstreamError) -> str | None:
+        """Why the request is not tried on another instance after ``error``,
+        or None to try. The retry budget is spent last, once nothing else
+        stands in the way."""
+        proxy = self.proxy
+        if len(self.tried) > proxy.retries:
+            return f"tried on {len(self.tried)} instances (retries = {proxy.retries})"
         if not may_resend(error, self.idempotent):
-            return False
-        rewound = self.body.rewind()
-        if not rewound:
-            return False
-        return self.proxy.budget.try_spend()
+            return (
+                "part of an answer came back"
+                if error.received
+                else f"it may have run there, and {self.method} is not idempotent"
+            )
+        if not self.body.rewind():
+            return "its body cannot be sent again"
+        if not proxy.budget.try_spend():
+            return (
+                "the retry budget is spent (retry_budget: too many retries of "
+                "late across the instances)"
+            )
+        return None
 
     # -- the answer -------------------------------------------------------------
 

@@ -11,6 +11,11 @@ its id. The first start is a canary: one instance, and the others once it is
 ready; if it fails before that, the app does not start (its error is on
 screen once), and the supervisor gives up instead of restarting it
 (``on_fatal``), as gunicorn does when a worker cannot boot.
+
+An instance that has served ``max_requests`` requests, or whose resident
+memory is above ``max_memory``, is recycled (a leak is cut short): replaced
+the way a rolling restart does it, one at a time and only while every
+instance is ready, so that as many serve meanwhile as ever.
 """
 
 from __future__ import annotations
@@ -32,18 +37,26 @@ from pathlib import Path
 
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import DOWN, FAILED, STARTING, UP, Backend, Cluster
-from pyramid_lb.dispatcher.operations import Operations
+from pyramid_lb.dispatcher.config import AUTO
+from pyramid_lb.dispatcher.operations import Busy, Operations
 from pyramid_lb.process import (
     INSTANCE_ENV,
     PARENT_ENV,
     PORT_IN_USE,
     TRUSTED_PROXIES_ENV,
+    server_threads,
 )
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
 #: Lines of an instance's output kept to explain why it failed.
 KEPT_LINES = 20
+#: Seconds between two reads of an instance's memory (for ``max_memory``).
+MEMORY_READ_INTERVAL = 1.0
+#: Seconds before an instance whose recycling failed (its replacement never
+#: got ready: a broken deploy, say) is tried again, so that it does not hold
+#: the operations, which a rolling restart with the fix needs, all the time.
+RECYCLE_RETRY_AFTER = 30.0
 
 
 class Instance:
@@ -66,6 +79,15 @@ class Instance:
         #: Being stopped on purpose (or started by a rollout that watches it):
         #: the monitor leaves it alone.
         self.managed = False
+        #: Requests its process may serve before it is recycled (0: no limit),
+        #: counted from ``requests_at_start`` (its backend's count then).
+        self.request_limit = 0
+        self.requests_at_start = 0
+        #: Its resident memory in bytes as last read, and when (monotonic).
+        self.memory: int | None = None
+        self.memory_read_at = 0.0
+        #: No recycling before this (monotonic), after one failed.
+        self.recycle_after = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -97,6 +119,10 @@ class Supervisor:
         operations: Operations | None = None,
         on_fatal: Callable[[str], None] | None = None,
         fixed_ports: bool = False,
+        max_requests: int = 0,
+        max_requests_jitter: int = 0,
+        max_memory: int | None = None,
+        max_in_flight: int | str | None = AUTO,
     ):
         self.cluster = cluster
         #: Asked whether an instance is hung, told when one is spawned.
@@ -115,6 +141,16 @@ class Supervisor:
         self.drain_timeout = drain_timeout
         self.stop_timeout = stop_timeout
         self.backend_options = backend_options or {}
+        #: Recycling: requests served (plus up to the jitter, drawn per
+        #: process), resident memory in bytes; 0 and None: never.
+        self.max_requests = max_requests
+        self.max_requests_jitter = max_requests_jitter
+        self.max_memory = max_memory
+        #: Each backend's cap; ``auto``: its ini file's waitress threads.
+        self.max_in_flight = max_in_flight
+        self._threads: dict[str, int] = {}  # ini path -> server_threads()
+        #: Completed recycles by reason (``max_requests``, ``max_memory``).
+        self.recycled: collections.Counter[str] = collections.Counter()
         self._out = out or sys.stderr
         #: The instances running or being started, in the order they came.
         self.spawned: list[Instance] = []
@@ -185,8 +221,11 @@ class Supervisor:
             for index, ini in enumerate(self.plan)
         ]
 
-    def _new_instance(self, ini: str, skipped: list[int] | None = None) -> Instance:
-        """A new instance of ``ini`` on a free port, not started yet.
+    def _new_instance(
+        self, ini: str, skipped: list[int] | None = None, name: str | None = None
+    ) -> Instance:
+        """A new instance of ``ini`` on a free port, not started yet, called
+        ``name`` (else the next id of its file).
 
         Ports found in use go to ``skipped``, for the caller to tell once;
         without it, they are told here with the port chosen.
@@ -196,8 +235,9 @@ class Supervisor:
             port = self._free_port(passed)
             backend = Backend(
                 f"http://127.0.0.1:{port}",
-                name=_next_id(self._numbers, ini),
+                name=name or _next_id(self._numbers, ini),
                 state=STARTING,
+                max_in_flight=self.in_flight_cap(ini),
                 **self.backend_options,
             )
             instance = Instance(backend.name, ini, port, backend)
@@ -213,6 +253,17 @@ class Supervisor:
             )
         self.cluster.add(backend)
         return instance
+
+    def in_flight_cap(self, ini: str) -> int | None:
+        """The ``max_in_flight`` of an instance of ``ini``: with ``auto``, its
+        waitress threads (read once per file: a reload keeps the first
+        count). What the dispatcher sizes its threads by and the exports
+        write, too."""
+        if self.max_in_flight != AUTO:
+            return self.max_in_flight
+        if ini not in self._threads:
+            self._threads[ini] = server_threads(ini)
+        return self._threads[ini]
 
     def _free_port(self, skipped: list[int]) -> int:
         """The first port from ``base_port`` that no instance has and that is
@@ -251,6 +302,15 @@ class Supervisor:
         ]
         instance.restart_at = None
         instance.started_at = time.monotonic()
+        # A new process: its requests are counted from here, against a limit
+        # of its own, so that instances started together are not recycled
+        # together.
+        instance.requests_at_start = instance.backend.requests
+        if self.max_requests:
+            jitter = random.randint(0, self.max_requests_jitter)
+            instance.request_limit = self.max_requests + jitter
+        instance.memory = None
+        instance.memory_read_at = 0.0
         self.cluster.set_state(instance.backend, STARTING, "spawned")
         self.checker.spawned(instance.backend)
         instance.output.clear()
@@ -315,7 +375,8 @@ class Supervisor:
                 log.exception("supervising the instances failed")
 
     def check(self) -> None:
-        """One round of supervision: crashes, restarts, start-up, liveness."""
+        """One round of supervision: crashes, restarts, start-up, liveness,
+        recycling."""
         now = time.monotonic()
         if not self._booted and any(i.backend.state == UP for i in self.spawned):
             self._booted = True
@@ -354,6 +415,8 @@ class Supervisor:
                     f"not ready after {self.startup_timeout:g}s "
                     f"(last check: {_last_check(self.checker, backend)}); killed",
                 )
+        if self._booted and self.boot_failure is None:
+            self._recycle(now)
 
     def _moved(self, instance: Instance) -> bool:
         """Whether ``instance`` exited because its port was taken after it was
@@ -418,6 +481,79 @@ class Supervisor:
         delay *= random.uniform(0.75, 1.25)
         instance.restart_at = now + delay
         log.warning("instance %s %s; restarting it in %.1fs", instance.id, why, delay)
+
+    # -- recycling ------------------------------------------------------------
+
+    def _recycle(self, now: float) -> None:
+        """Start recycling the oldest instance due for it, if any.
+
+        Only while every instance takes requests and no other operation runs:
+        its replacement is ready before it is drained, so as many instances
+        as ever serve, and a rollout or a scale is not stepped on. One that
+        must wait is found due again on a later round.
+        """
+        if not (self.max_requests or self.max_memory) or self._stop.is_set():
+            return
+        if self.operations.running is not None:
+            return
+        instances = list(self.spawned)
+        if not instances or any(
+            i.managed or i.failed or i.backend.state != UP or i.backend.held
+            for i in instances
+        ):
+            return
+        for instance in instances:  # the oldest first
+            due = self._due(instance, now) if now >= instance.recycle_after else None
+            if due is not None:
+                break
+        else:
+            return
+        reason, why = due
+        what = f"recycling of {instance.id}"
+        try:
+            self.operations.run(
+                what,
+                lambda: self._recycled(instance, what, reason, why),
+                background=True,
+            )
+        except Busy:  # claimed meanwhile (by the admin, say)
+            pass
+
+    def _due(self, instance: Instance, now: float) -> tuple[str, str] | None:
+        """``(reason, why)`` when ``instance`` is to be recycled, else None."""
+        served = instance.backend.requests - instance.requests_at_start
+        if instance.request_limit and served >= instance.request_limit:
+            extra = instance.request_limit - self.max_requests
+            jitter = f", plus {extra} of max_requests_jitter" if extra else ""
+            return (
+                "max_requests",
+                f"served {served} requests (max_requests = {self.max_requests}"
+                f"{jitter})",
+            )
+        if self.max_memory is None:
+            return None
+        if now - instance.memory_read_at >= MEMORY_READ_INTERVAL:
+            instance.memory_read_at = now
+            instance.memory = _resident_memory(instance.pid)
+        if instance.memory is not None and instance.memory > self.max_memory:
+            return (
+                "max_memory",
+                f"its resident memory is {_megabytes(instance.memory)} "
+                f"(max_memory = {_megabytes(self.max_memory)})",
+            )
+        return None
+
+    def _recycled(self, instance: Instance, what: str, reason: str, why: str) -> bool:
+        """Replace ``instance`` (the work of a recycling operation)."""
+        if self._stop.is_set():
+            return False
+        log.info("instance %s: recycling it: %s", instance.id, why)
+        # Should it fail (in any way), it is not tried again at once.
+        instance.recycle_after = time.monotonic() + RECYCLE_RETRY_AFTER
+        if not self._replace(instance, what):
+            return False
+        self.recycled[reason] += 1
+        return True
 
     # -- stopping -------------------------------------------------------------
 
@@ -533,27 +669,35 @@ class Supervisor:
         return self.operations.running is not None
 
     def _replace(self, old: Instance, what: str) -> bool:
+        name = None
         if self.fixed_ports:
-            # The front knows this port only: the new instance takes it over.
+            # The front knows this port and this id (its affinity cookie) only:
+            # the new instance takes both over.
             self.retire(old)
-        new = self._new_instance(old.ini)
+            name = old.id
+        new = self._new_instance(old.ini, name=name)
         new.managed = True
         self._spawn(new)
         problem = self._wait_ready(new)
         if problem:
             self.retire(new)
-            # Its output was shown as it came: not repeated here.
-            log.error(
-                "%s stopped: %s %s; the old instances keep serving",
-                what,
-                new.id,
-                problem,
-            )
+            # Its output was shown as it came: not repeated here. Stopped
+            # with the rest, it is no error (a recycle may be under way then).
+            if not self._stop.is_set():
+                log.error(
+                    "%s stopped: %s %s; the old instances keep serving",
+                    what,
+                    new.id,
+                    problem,
+                )
             return False
         new.managed = False
         if not self.fixed_ports:
             self.retire(old)
-        log.info("instance %s replaced by %s", old.id, new.id)
+        if new.id == old.id:
+            log.info("instance %s replaced in place", old.id)
+        else:
+            log.info("instance %s replaced by %s", old.id, new.id)
         return True
 
     def _wait_ready(self, instance: Instance) -> str | None:
@@ -652,6 +796,26 @@ def _next_id(numbers: collections.Counter, ini: str) -> str:
 def _last_check(checker: HealthChecker, backend: Backend) -> str:
     last = checker.last_check(backend)
     return last[2] if last else "none yet"
+
+
+def _resident_memory(pid: int | None) -> int | None:
+    """The resident memory of process ``pid`` in bytes (VmRSS in
+    ``/proc/PID/status``); None where it cannot be read (it is gone, or this
+    is no Linux)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024  # given in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MB"
 
 
 def _ports(ports: Iterable[int]) -> str:

@@ -90,11 +90,12 @@ class ShortBody(Exception):
 def may_resend(error: UpstreamError, idempotent: bool) -> bool:
     """Whether a request whose exchange failed with ``error`` may go out again.
 
-    Never once some of an answer came, nor after a timeout (a slow instance
-    may still be running it, and would only get slower); otherwise when it
-    never went out, or when running it twice does no harm (``idempotent``).
+    Never once some of an answer came; otherwise when it never went out, or
+    when running it twice does no harm (``idempotent``), a request that
+    timed out on a stuck instance included (the retry budget keeps a slow
+    cluster from being stormed).
     """
-    if error.received or isinstance(error, ReadTimeout):
+    if error.received:
         return False
     return idempotent or not error.sent
 
@@ -530,7 +531,13 @@ def exchange(
         return _exchange_on(pool, sock, reused, head, body, head_only)
     except UpstreamError as exc:
         sock.close()
-        if not (reused and may_resend(exc, replayable)):
+        # A timeout is the instance being slow, not a stale connection: not
+        # sent to it again (the proxy may try another).
+        if (
+            not reused
+            or isinstance(exc, ReadTimeout)
+            or not may_resend(exc, replayable)
+        ):
             raise
         rewound = body.rewind()
         if not rewound:

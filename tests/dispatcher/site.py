@@ -43,12 +43,13 @@ startup_timeout = {startup_timeout}
 max_restarts = {max_restarts}
 drain_timeout = {drain_timeout}
 stop_timeout = 5
+# Tests counting where requests go right after start-up want even shares.
+slow_start = {slow_start}
 {dispatcher_extra}
 
 [server:dispatcher]
 use = egg:waitress#main
 listen = 127.0.0.1:0
-threads = 16
 
 [DEFAULT]
 http_port = 6543
@@ -106,6 +107,7 @@ def write_ini(tmp_path: Path, **options) -> Path:
         max_restarts=5,
         base_port=0,
         drain_timeout=5,
+        slow_start=0,
         app_extra="",
         dispatcher_extra="",
     )

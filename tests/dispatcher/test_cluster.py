@@ -104,6 +104,7 @@ def test_backend_defaults():
 def test_attempts_count_requests_in_flight_and_end_once():
     backend = Backend("http://127.0.0.1:9")
     cluster = Cluster([backend])
+    assert cluster.take(backend) and cluster.take(backend)
     first = cluster.attempt(backend)
     with cluster.attempt(backend, retry=True):
         assert (backend.in_flight, backend.requests, backend.retries) == (2, 2, 1)
@@ -115,18 +116,25 @@ def test_attempts_count_requests_in_flight_and_end_once():
     assert backend.tally.classes[2] == 1  # one 2xx; the other ended unanswered
 
 
-def test_an_attempt_failing_counts_against_the_instance_but_a_timeout():
+def test_an_attempt_failing_counts_against_the_instance_timeouts_too():
+    """A stuck instance is taken out passively: its timeouts in a row count."""
     backend = Backend("http://127.0.0.1:9")
-    cluster = Cluster([backend], eject_after=2)
+    cluster = Cluster([backend], eject_after=3)
     for error in (ConnectFailed("refused"), ReadTimeout("slow", HEAD)):
+        assert cluster.take(backend)
         with pytest.raises(UpstreamError), cluster.attempt(backend):
             raise error
-    assert (backend.errors, backend.errors_in_a_row, backend.in_flight) == (1, 1, 0)
+    assert (backend.errors, backend.errors_in_a_row, backend.in_flight) == (2, 2, 0)
+    assert cluster.take(backend)
+    with pytest.raises(UpstreamError), cluster.attempt(backend):
+        raise ReadTimeout("slow", HEAD)
+    assert cluster.ejected(backend)
 
 
 def test_a_kept_attempt_ends_only_when_told():
     backend = Backend("http://127.0.0.1:9")
     cluster = Cluster([backend])
+    assert cluster.take(backend)
     with cluster.attempt(backend) as attempt:
         attempt.answered(200)
         attempt.keep()

@@ -161,6 +161,20 @@ def test_another_server_gets_the_port_through_http_port(processes):
     assert "is not waitress: it listens where http_port" in process.output()
 
 
+def test_another_server_stops_even_if_it_swallows_sigterm(processes):
+    """wsgiref catches the SystemExit of a SIGTERM that lands while it sends
+    an answer: the runner raises it again until the server ends."""
+    process, url = start(processes, FIXTURES / "instance_other_server.ini")
+    port = int(url.rpartition(":")[2])
+    with socket.create_connection(("127.0.0.1", port)) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"GET /big?mb=50 HTTP/1.0\r\nHost: x\r\n\r\n")
+        slow.recv(1024)  # the answer has begun: the server blocks sending it
+        time.sleep(0.2)
+        process.signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+
+
 def test_sigterm_stops_at_once_despite_drain_on_sigterm(processes):
     process, url = start(processes, ROOT / "production.ini")  # drain_on_sigterm=10
     started = time.monotonic()

@@ -574,6 +574,37 @@ def test_retries_stop_at_the_budget(canned_proxy):
     assert len(servers[1].requests) == 0
 
 
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
+def test_a_timeout_on_a_stuck_instance_is_retried_only_if_idempotent(
+    canned_proxy, method, retried
+):
+    proxy, servers, (stuck, _) = canned_proxy(canned.HANG, OK)
+    status, _, _ = call(proxy, method)
+    assert status == ("200 OK" if retried else "504 Gateway Timeout")
+    assert len(servers[1].requests) == (1 if retried else 0)
+    # and the timeout counts against the stuck one, for ejection
+    assert stuck.errors_in_a_row == 1
+
+
+def test_a_spent_budget_is_the_reason_given(canned_proxy, caplog):
+    """An instance that cannot be reached, another that could answer, and
+    no retry left: the 503 says why it was not tried there, and so does the
+    log, rather than "no instance is available"."""
+    refused = Canned(OK)
+    refused.stop()  # nothing listens there any more: connection refused
+    budget = RetryBudget(ratio=0.0, floor=0)
+    proxy, servers, backends = canned_proxy(OK, budget=budget)
+    proxy.cluster.add(Backend(f"http://127.0.0.1:{refused.port}", name="gone"))
+    proxy.strategy = RoundRobin(proxy.cluster)
+    answers = [call(proxy) for _ in range(2)]
+    refusal = next(a for a in answers if a[0] != "200 OK")
+    assert refusal[0] == "503 Service Unavailable"
+    assert refusal[1]["Retry-After"]
+    assert b"instance gone:" in refusal[2]
+    assert b"the retry budget is spent" in refusal[2]
+    assert "not retried: the retry budget is spent" in caplog.text
+
+
 def test_retries_stop_at_retries(canned_proxy):
     proxy, servers, _ = canned_proxy(*[canned.RESET] * 3, retries=1)
     assert call(proxy)[0] == "502 Bad Gateway"

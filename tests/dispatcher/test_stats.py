@@ -183,7 +183,8 @@ def test_status_command_prints_the_table(processes):
     assert {line.split()[0] for line in lines[1:3]} == {
         b.url.removeprefix("http://") for b in instances
     }
-    assert lines[-1].startswith("2/2 up, 0 in flight, 1 requests")
+    assert lines[-2].startswith("2/2 up, 0 in flight, 1 requests")
+    assert lines[-1].startswith("queue: 0/")
 
 
 def test_status_of_nothing_is_one_clear_line():

@@ -5,11 +5,16 @@ import re
 import signal
 import socket
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor as ThreadPool
 
 import pytest
 import requests
 
+from pyramid_lb.dispatcher.checks import HealthChecker
+from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
+from pyramid_lb.dispatcher.operations import Busy, Operations
+from pyramid_lb.dispatcher.supervisor import Instance, Supervisor
 from tests.dispatcher.site import (
     Load,
     alive,
@@ -307,7 +312,9 @@ def test_rolling_restart_under_load_replaces_every_pid(processes, tmp_path):
 
 
 def test_rolling_restart_with_a_broken_replacement_keeps_the_old(processes, tmp_path):
-    ini = write_ini(tmp_path, startup_timeout=3)
+    # Short, for the broken replacement; long enough for the first start of
+    # an instance on a loaded machine.
+    ini = write_ini(tmp_path, startup_timeout=6)
     process, url = serve(processes, ini)
     wait_until(lambda: all_up(url, 3), timeout=20)
     before = {i["pid"] for i in stats(url)}
@@ -631,3 +638,206 @@ def answers(url: str) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def recycles(output):
+    """The recycling operations' log lines, as (id, "started" or how it ended)."""
+    return re.findall(
+        r"\] recycling of (\S+) (started|done|stopped)(?: in [\d.]+s)?$", output, re.M
+    )
+
+
+def one_at_a_time(events):
+    """Whether each recycle ended before the next one started."""
+    running = None
+    for id, event in events:
+        if (event == "started") != (running is None):
+            return False
+        if event != "started" and id != running:
+            return False
+        running = id if event == "started" else None
+    return True
+
+
+def ready_counts(process, url, until, timeout):
+    """How many instances took requests, sampled until ``until()``."""
+    counts = []
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, process.output()
+        counts.append(sum(i["state"] == "up" for i in stats(url)))
+        time.sleep(0.05)
+    return counts
+
+
+def test_max_requests_recycles_every_instance_one_at_a_time(processes, tmp_path):
+    ini = write_ini(
+        tmp_path, dispatcher_extra="max_requests = 200\nmax_requests_jitter = 20\n"
+    )
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 3), timeout=20)
+    first = {i["id"]: i["pid"] for i in stats(url)}
+
+    def all_replaced():
+        output = process.output()
+        return all(f"instance {id} replaced by " in output for id in first)
+
+    with Load(url) as load:
+        counts = ready_counts(process, url, all_replaced, timeout=20)
+    output = process.output()
+    assert load.failures() == []
+    # The replacement was ready before the old instance was drained.
+    assert min(counts) == 3, counts
+    assert one_at_a_time(recycles(output)), recycles(output)
+    assert not any(alive(pid) for pid in first.values())
+    for id in first:
+        served = re.search(
+            rf"INFO \[pyramid_lb.dispatcher\] instance {id}: recycling it: served "
+            r"(\d+) requests \(max_requests = 200"
+            r"(, plus (\d+) of max_requests_jitter)?\)",
+            output,
+        )
+        assert served, output
+        assert int(served[1]) >= 200 + int(served[3] or 0)
+        assert int(served[3] or 0) <= 20
+
+
+def test_max_memory_recycles_one_instance_at_a_time(processes, tmp_path):
+    # Every instance is above it: they are recycled in turn, for ever.
+    ini = write_ini(tmp_path, instances=2, dispatcher_extra="max_memory = 1M\n")
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 2), timeout=20)
+
+    def two_done():
+        return [e for e in recycles(process.output()) if e[1] == "done"][1:]
+
+    counts = ready_counts(process, url, two_done, timeout=15)
+    process.signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    output = process.output()
+    assert min(counts) == 2, counts
+    assert one_at_a_time(recycles(output)), recycles(output)
+    assert recycles(output)[:4] == [
+        ("site-1", "started"),
+        ("site-1", "done"),
+        ("site-2", "started"),
+        ("site-2", "done"),
+    ]
+    assert re.search(
+        r"instance site-1: recycling it: its resident memory is [\d.]+ MB "
+        r"\(max_memory = 1\.0 MB\)",
+        output,
+    ), output
+    # A recycle cut short by the stop is no error.
+    assert "Traceback" not in output and "ERROR" not in output, output
+
+
+class ClaimedMeanwhile(Operations):
+    """Another operation claims them first, once: between the supervisor's
+    look (nothing under way) and its claim."""
+
+    def __init__(self):
+        super().__init__()
+        self.refusals = 1
+
+    def claim(self, what):
+        if self.refusals:
+            self.refusals -= 1
+            raise Busy("scale to 2", 0.0)
+        super().claim(what)
+
+
+def due_for_recycling(monkeypatch, operations=None):
+    """A booted supervisor whose one instance, up, has served its
+    ``max_requests``; and the list its replacements go to (none is started)."""
+    cluster = Cluster()
+    supervisor = Supervisor(
+        cluster,
+        HealthChecker(cluster),
+        max_requests=10,
+        max_in_flight=None,
+        operations=operations,
+    )
+    backend = Backend("http://127.0.0.1:1", name="site-1", state=UP)
+    instance = Instance("site-1", "site.ini", 1, backend)
+    instance.process = types.SimpleNamespace(pid=None, poll=lambda: None)
+    instance.request_limit = backend.requests = 10
+    cluster.add(backend)
+    supervisor.spawned.append(instance)
+    supervisor._booted = True
+    replaced = []
+    monkeypatch.setattr(
+        supervisor, "_replace", lambda old, what: replaced.append((old, what)) or True
+    )
+    return supervisor, replaced
+
+
+def test_an_operation_under_way_postpones_a_recycle(monkeypatch):
+    supervisor, replaced = due_for_recycling(monkeypatch)
+    supervisor.operations.claim("rolling restart")
+    supervisor.check()
+    supervisor.check()
+    assert supervisor.operations.running == "rolling restart"
+    assert replaced == []
+    supervisor.operations.release()
+    supervisor.check()  # due still: recycled now
+    wait_until(lambda: supervisor.operations.running is None)
+    assert [what for _, what in replaced] == ["recycling of site-1"]
+    assert supervisor.recycled == {"max_requests": 1}
+
+
+def test_a_recycle_refused_as_busy_is_tried_again(monkeypatch):
+    operations = ClaimedMeanwhile()
+    supervisor, replaced = due_for_recycling(monkeypatch, operations)
+    supervisor.check()
+    assert operations.refusals == 0  # it was refused
+    assert replaced == []
+    supervisor.check()
+    wait_until(lambda: operations.running is None)
+    assert [what for _, what in replaced] == ["recycling of site-1"]
+    assert supervisor.recycled == {"max_requests": 1}
+
+
+@pytest.mark.parametrize(
+    ("max_in_flight", "cap"),
+    [
+        pytest.param("auto", 7, id="auto: its threads"),
+        pytest.param(2, 2, id="a number"),
+        pytest.param(None, None, id="off"),
+    ],
+)
+def test_spawned_instances_are_capped(tmp_path, max_in_flight, cap):
+    ini = write_ini(tmp_path)
+    ini.write_text(ini.read_text().replace("get port", "threads = 7\nget port", 1))
+    cluster = Cluster()
+    supervisor = Supervisor(
+        cluster,
+        HealthChecker(cluster),
+        instances=1,
+        main_ini=str(ini),
+        base_port=free_base_port(),
+        max_in_flight=max_in_flight,
+    )
+    assert supervisor._new_instance(str(ini)).backend.max_in_flight == cap
+
+
+def test_without_a_dispatcher_a_rolling_restart_keeps_ports_and_ids(
+    processes, tmp_path
+):
+    """What the exported front names (ports, affinity cookies by instance id)
+    stays true: each instance is replaced in place."""
+    base = free_base_port()
+    ini = write_ini(tmp_path, instances=2, base_port=base)
+    process = processes.start(
+        [BIN / "pyramid-lb", "serve", ini, "--no-dispatcher"], name="instances"
+    )
+    urls = [f"http://127.0.0.1:{port}/whoami" for port in (base, base + 1)]
+    wait_until(lambda: all(answers(url) for url in urls), 20)
+    before = [requests.get(url, timeout=5).json() for url in urls]
+    process.signal(signal.SIGHUP)
+    process.wait_for_output("rolling restart done", 30)
+    wait_until(lambda: all(answers(url) for url in urls), 20)
+    after = [requests.get(url, timeout=5).json() for url in urls]
+    assert [w["instance"] for w in after] == [w["instance"] for w in before]
+    assert all(a["pid"] != b["pid"] for a, b in zip(after, before, strict=True))
+    assert "replaced in place" in process.output()

@@ -1255,8 +1255,9 @@ def test_sockets_get_kernel_timeouts(serve):
         pytest.param(
             UpstreamError("cut", upstream.BODY), True, False, id="part of a body"
         ),
+        pytest.param(ReadTimeout("slow", upstream.HEAD), True, True, id="timeout: GET"),
         pytest.param(
-            ReadTimeout("slow", upstream.HEAD), True, False, id="timeout: maybe running"
+            ReadTimeout("slow", upstream.HEAD), False, False, id="timeout: POST"
         ),
         pytest.param(BadResponse("garbage"), True, False, id="garbage came back"),
     ],
