@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     front.add_argument(
         "engine",
-        choices=("nginx", "haproxy"),
-        help="the front end to write a configuration for: nginx or haproxy",
+        choices=("nginx", "haproxy", "systemd"),
+        help="the front end to write a configuration for: nginx or haproxy; "
+        "or systemd, for a unit running `pyramid-lb serve INI`",
     )
     front.add_argument(
         "ini", metavar="INI", help="the ini file with [app:dispatcher] to export"

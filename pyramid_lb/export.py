@@ -1,21 +1,26 @@
-"""``pyramid-lb export``: the dispatcher's setup as nginx or HAProxy configuration."""
+"""``pyramid-lb export``: the dispatcher's setup as nginx or HAProxy
+configuration, or as a systemd unit running it."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import shutil
+import sys
 from typing import NamedTuple
 
 from pyramid_lb.affinity_cookie import sign
 from pyramid_lb.dispatcher import make_dispatcher
 from pyramid_lb.dispatcher.admin import PREFIX
-from pyramid_lb.dispatcher.config import DispatcherConfig
+from pyramid_lb.dispatcher.config import DispatcherConfig, retry_after
 from pyramid_lb.dispatcher.proxy import FORWARDING_HEADERS
 from pyramid_lb.process import StartupError
 from pyramid_lb.process import load as load_section
+from pyramid_lb.server import graceful_timeout
 from pyramid_lb.settings import SettingsError
 
-ENGINES = ("nginx", "haproxy")
+ENGINES = ("nginx", "haproxy", "systemd")
 
 
 class Server(NamedTuple):
@@ -40,14 +45,19 @@ class Site(NamedTuple):
 
 def load(ini: str, listen: str | None = None) -> Site:
     """Read ``[app:dispatcher]`` and ``[server:dispatcher]`` of ``ini``."""
-    context = load_section(ini, "app:dispatcher")
+    dispatcher = _dispatcher(ini)
     path = os.path.abspath(ini)
+    return Site(path, dispatcher.config, _servers(dispatcher), _binds(path, listen))
+
+
+def _dispatcher(ini: str):
+    """The ``[app:dispatcher]`` of ``ini``, built, not started: nothing
+    spawns, nothing connects."""
+    context = load_section(ini, "app:dispatcher")
     try:
-        # Built, not started: nothing spawns, nothing connects.
-        dispatcher = make_dispatcher(context.global_conf, **context.local_conf)
+        return make_dispatcher(context.global_conf, **context.local_conf)
     except SettingsError as exc:
         raise StartupError(str(exc)) from None
-    return Site(path, dispatcher.config, _servers(dispatcher), _binds(path, listen))
 
 
 def _servers(dispatcher) -> list[Server]:
@@ -604,9 +614,9 @@ def _haproxy_queue(site: Site) -> list[str]:
         "    # to other servers), so a request that finds queue_size waiting is",
         "    # refused here, before a server is chosen: even one whose own",
         "    # instance (by hash or affinity) has room, which the dispatcher",
-        "    # would serve. This 503 has no Retry-After.",
-        "    http-request deny deny_status 503 if "
-        f"{{ queue() ge {settings.queue_size} }}",
+        "    # would serve.",
+        "    http-request deny deny_status 503 hdr Retry-After "
+        f"{retry_after(settings)} if {{ queue() ge {settings.queue_size} }}",
     ]
 
 
@@ -718,9 +728,156 @@ def haproxy(site: Site) -> str:
     return "\n".join(lines + [""])
 
 
+# -- systemd -----------------------------------------------------------------
+
+#: Seconds systemd waits beyond the dispatcher's own timeouts: Python's
+#: start-up, the ini's loading, the supervisor's last checks.
+SYSTEMD_MARGIN = 10
+
+
+class StopTimes(NamedTuple):
+    """What ``TimeoutStopSec`` must leave room for, in seconds."""
+
+    graceful_timeout: float  # the dispatcher finishes the requests in flight
+    drain_timeout: float  # an instance a rollout is retiring drains
+    stop_timeout: float  # the instances' SIGTERM, before their SIGKILL
+
+    def total(self) -> int:
+        return math.ceil(sum(self)) + SYSTEMD_MARGIN
+
+
+def stop_times(ini: str, settings: DispatcherConfig) -> StopTimes:
+    """What a stop of ``pyramid-lb serve ini`` may take, from ``settings`` (its
+    ``[app:dispatcher]``) and its ``[server:dispatcher]``."""
+    hint = ": `pyramid-lb serve` under systemd serves it"
+    conf = load_section(ini, "server:dispatcher", hint=hint).local_conf
+    try:
+        grace = graceful_timeout(conf)
+    except SettingsError as exc:
+        raise StartupError(f"{ini} [server:dispatcher] {exc}") from None
+    return StopTimes(grace, settings.drain_timeout, settings.stop_timeout)
+
+
+def _executable() -> str:
+    """The absolute path of this installation's ``pyramid-lb``."""
+    here = os.path.dirname(os.path.abspath(sys.executable))  # a venv's bin/
+    found = shutil.which("pyramid-lb", path=here) or shutil.which("pyramid-lb")
+    if found is None:
+        raise StartupError(
+            "cannot find the pyramid-lb command to run: install pyramid_lb "
+            f"(next to {sys.executable})"
+        )
+    return os.path.abspath(found)
+
+
+def _unit_value(text: str, what: str) -> str:
+    """``text`` as a unit file's value: one line, ``%`` (a specifier) escaped."""
+    if not text.isprintable():
+        raise StartupError(f"{what} {text!r} cannot be written in a unit file")
+    return text.replace("%", "%%")
+
+
+def _unit_word(text: str, what: str) -> str:
+    """``text`` as one word of a unit file's command line: ``$`` escaped too,
+    and quoted when it holds blanks, quotes or backslashes."""
+    text = _unit_value(text, what).replace("$", "$$")
+    if re.search(r"[\s\"'\\;]", text):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def systemd(ini: str) -> str:
+    """A systemd service unit running ``pyramid-lb serve INI``."""
+    path = os.path.abspath(ini)
+    settings = _dispatcher(path).config
+    times = stop_times(path, settings)
+    start = math.ceil(settings.startup_timeout) + SYSTEMD_MARGIN
+    command = " ".join(
+        (_unit_word(_executable(), "pyramid-lb"), "serve", _unit_word(path, "ini"))
+    )
+    here = _unit_value(os.path.dirname(path), "directory")
+    name = re.sub(r"[^\w.-]", "-", os.path.splitext(os.path.basename(path))[0])
+    grace, drain, stop = (f"{t:g}" for t in times)
+    lines = [
+        "# systemd unit generated by `pyramid-lb export systemd` from",
+        f"# {path}.",
+        f"# Save it as /etc/systemd/system/{name}.service, then:",
+        "#     systemd-analyze verify /etc/systemd/system/" + name + ".service",
+        f"#     systemctl daemon-reload && systemctl enable --now {name}",
+        f"#     systemctl reload {name}    # a rolling restart, no request dropped",
+        "# Export again after changing the timeouts in the ini file.",
+        "",
+        "[Unit]",
+        f"Description=Pyramid app of {os.path.basename(path)} behind pyramid_lb",
+        "# [server:dispatcher] may listen on an address that needs the network up.",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "# The dispatcher tells systemd READY=1 once an instance takes requests",
+        "# and it serves; STATUS= says how many are ready (systemctl status).",
+        "Type=notify",
+        "# Only the dispatcher's messages count, not its instances'.",
+        "NotifyAccess=main",
+        f"ExecStart={command}",
+        f"WorkingDirectory={here}",
+        "# Log lines reach the journal as they are written.",
+        "Environment=PYTHONUNBUFFERED=1",
+        "# SIGHUP: a rolling restart, one instance at a time, each new one ready",
+        "# before the old one drains; RELOADING=1 then READY=1 around it. (With",
+        "# systemd 253 or later, Type=notify-reload without ExecReload makes",
+        "# `systemctl reload` wait until the rollout is done.)",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "# SIGTERM to the dispatcher only: it finishes the requests in flight,",
+        "# then stops its instances itself. SIGKILL to all only at the timeout.",
+        "KillMode=mixed",
+        "# The dispatcher's graceful_timeout (its requests in flight), plus",
+        "# drain_timeout (an instance a rolling restart is retiring), plus",
+        "# stop_timeout (the instances' SIGTERM, before their SIGKILL), plus a",
+        f"# margin: {grace} + {drain} + {stop} + {SYSTEMD_MARGIN} = {times.total()}"
+        " seconds.",
+        f"TimeoutStopSec={times.total()}",
+        "# READY=1 comes once the first instance is ready: startup_timeout, plus",
+        f"# a margin for Python to start: {settings.startup_timeout:g} + "
+        f"{SYSTEMD_MARGIN} = {start} seconds.",
+        f"TimeoutStartSec={start}",
+        "# A crash, or an app that never got ready, is started again (systemd's",
+        "# start limit stops the loop of an ini file that cannot work).",
+        "Restart=on-failure",
+        "RestartSec=2",
+        "# Set an unprivileged account that can read the app and the ini file,",
+        "# and write where the app writes; without User= it runs as root.",
+        "#User=",
+        "#Group=",
+        "# Hardening that does not get in the way of the app:",
+        "# no setuid binary or file capability raises the app's privileges;",
+        "NoNewPrivileges=yes",
+        "# /usr, /boot and /etc are read-only, everything else stays as it is",
+        "# (strict would make the app's own files read-only, unless listed in",
+        "# ReadWritePaths=: a log file, an SQLite database, uploads...);",
+        "ProtectSystem=full",
+        "# a /tmp and /var/tmp of its own, emptied when it stops.",
+        "PrivateTmp=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def export(engine: str, ini: str, listen: str | None = None) -> str:
-    """The ``engine`` (nginx or haproxy) configuration for ``ini``."""
+    """The ``engine`` (nginx, haproxy or systemd) configuration for ``ini``."""
     if engine not in ENGINES:
-        raise StartupError(f"{engine!r} is not an engine; expected nginx or haproxy")
+        raise StartupError(
+            f"{engine!r} is not an engine; expected {', '.join(ENGINES)}"
+        )
+    if engine == "systemd":
+        if listen is not None:
+            raise StartupError(
+                "--listen has no meaning for systemd: the unit runs the "
+                "dispatcher, which listens as [server:dispatcher] says"
+            )
+        return systemd(ini)
     site = load(ini, listen)
     return nginx(site) if engine == "nginx" else haproxy(site)

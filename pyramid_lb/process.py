@@ -166,6 +166,7 @@ def create_server(
     section: str,
     port: int | None = None,
     host: str = "127.0.0.1",
+    own_paths: tuple[str, ...] = (),
 ):
     """A listening :func:`pyramid_lb.server.create_server` for ``app``, and
     its ``graceful_timeout``, from the server section ``conf`` (``section``
@@ -185,7 +186,7 @@ def create_server(
         options["listen"] = f"{listen_host(conf, host)}:{port}"
     where = options.get("listen") or f"{conf.get('host')}:{conf.get('port')}"
     try:
-        return front.create_server(app, options), grace
+        return front.create_server(app, options, own_paths), grace
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise StartupError(
@@ -235,8 +236,12 @@ def stop_on_signals(
         signals += 1
         if not quiet():
             how = "stopping" if signals == 1 else "stopping at once"
-            name = signal.Signals(signum).name
-            outside_the_handler(logger.info, "%s: %s", name, how)
+            try:
+                logger.info("%s: %s", signal.Signals(signum).name, how)
+            except Exception:
+                # A write to stderr this interrupted cannot be re-entered:
+                # the line is lost, not the signal.
+                pass
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(0)

@@ -148,22 +148,22 @@ class AdminRouter:
     so each request of a keep-alive connection is routed by its own path.
     """
 
-    def __init__(self, main, admin, prefix: str, url_prefix: str = ""):
+    def __init__(self, main, admin, prefix: str | tuple[str, ...], url_prefix=""):
         self.main = main
         self.admin = admin
-        self.prefix = prefix
+        self.prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
         self.url_prefix = url_prefix
 
     def add_task(self, channel) -> None:
         # Waitress calls this with the channel's requests_lock held.
         requests = getattr(channel, "requests", None)
         path = getattr(requests[0], "path", None) if requests else None
-        if isinstance(path, str) and is_under(
-            _path_info(path, self.url_prefix), self.prefix
-        ):
-            self.admin.add_task(channel)
-        else:
-            self.main.add_task(channel)
+        if isinstance(path, str):
+            path_info = _path_info(path, self.url_prefix)
+            if any(is_under(path_info, prefix) for prefix in self.prefixes):
+                self.admin.add_task(channel)
+                return
+        self.main.add_task(channel)
 
     def set_thread_count(self, count: int) -> None:
         """The server's ``threads``; the admin threads stay as they are."""
@@ -215,7 +215,7 @@ def _map(server) -> dict:
     return server.map if hasattr(server, "effective_listen") else server._map
 
 
-def create_server(app, options: dict[str, Any]):
+def create_server(app, options: dict[str, Any], own_paths: tuple[str, ...] = ()):
     """A waitress server for ``app`` with the strict parser.
 
     ``options`` are a server section's keys (strings or values), minus
@@ -225,8 +225,11 @@ def create_server(app, options: dict[str, Any]):
     ``app.admin_prefix``, when the app has one, are served by threads of
     their own (:class:`AdminRouter`). Raises what ``waitress.create_server``
     raises (OSError, ValueError), and ValueError for a bad ``admin_prefix``.
+    ``own_paths`` get those threads too (an instance's health checks, so
+    that slow views filling its threads cannot make it look dead).
     """
     prefix = _admin_prefix(app)
+    prefixes = ((prefix,) if prefix is not None else ()) + tuple(own_paths)
     defaults = getattr(app, "server_defaults", None)
     if defaults is not None and options.get("trusted_proxy"):
         raise ValueError(
@@ -238,11 +241,11 @@ def create_server(app, options: dict[str, Any]):
     server = waitress.create_server(app, **merged)
     for listener in _listeners(server):
         listener.channel_class = StrictChannel
-    if prefix is not None:
+    if prefixes:
         admin = ThreadedTaskDispatcher()
         admin.set_thread_count(ADMIN_THREADS)
         router = AdminRouter(
-            server.task_dispatcher, admin, prefix, server.adj.url_prefix
+            server.task_dispatcher, admin, prefixes, server.adj.url_prefix
         )
         server.task_dispatcher = router
         for listener in _listeners(server):
@@ -294,11 +297,21 @@ def run(server, graceful_timeout: float = GRACEFUL_TIMEOUT) -> None:
 def finish(server, timeout: float) -> bool:
     """Stop accepting, close idle connections, and go on serving the others
     until their requests are answered and sent, for at most ``timeout``
-    seconds; then stop the worker threads. Returns whether nothing was cut."""
+    seconds; then stop the worker threads. Returns whether nothing was cut.
+
+    An app with a ``stopping()`` method is told first (the dispatcher then
+    answers the requests waiting in its queue at once rather than let them
+    be cut off at the deadline)."""
     adj, socket_map = server.adj, _map(server)
-    for listener in _listeners(server):
+    listeners = _listeners(server)
+    for listener in listeners:
         # The listening socket only: its trigger wakes the loop for workers.
         wasyncore.dispatcher.close(listener)
+    stopping = getattr(
+        listeners[0].application if listeners else None, "stopping", None
+    )
+    if stopping is not None:
+        stopping()
     deadline = time.monotonic() + timeout
     busy = _close_idle(socket_map)
     if busy:

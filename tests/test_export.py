@@ -1,5 +1,6 @@
 """``pyramid-lb export``: real nginx and HAProxy in front of real spawned instances."""
 
+import math
 import os
 import re
 import shutil
@@ -325,7 +326,8 @@ HAPROXY_QUEUE = ("timeout queue", "queue()")
                 "server site-1 127.0.0.1:7001 maxconn 2\n",
                 "server site-2 127.0.0.1:7002 maxconn 2\n",
                 "timeout queue 10s\n",
-                "http-request deny deny_status 503 if { queue() ge 100 }\n",
+                "http-request deny deny_status 503 hdr Retry-After 1 "
+                "if { queue() ge 100 }\n",
                 "rise 2 fall 3 observe layer4 error-limit 3 on-error mark-down "
                 "slowstart 3s pool-max-conn 32\n",
                 "maxqueue bounds its own queue only",
@@ -888,3 +890,149 @@ def test_an_instance_gets_no_more_requests_at_once_than_its_threads(
         assert second.status_code == 502
         assert took < 0.5  # at once
         assert "no live upstreams" in (tmp_path / engine / "error.log").read_text()
+
+
+# -- systemd -------------------------------------------------------------------
+
+SYSTEMD_ANALYZE = binary("systemd-analyze")
+
+SYSTEMD_INI = """
+[server:main]
+use = egg:waitress#main
+
+[app:dispatcher]
+use = egg:pyramid_lb#dispatcher
+instances = 2
+base_port = 7001
+startup_timeout = 20
+drain_timeout = 7
+stop_timeout = 3.2
+
+[server:dispatcher]
+use = egg:waitress#main
+listen = 127.0.0.1:0
+graceful_timeout = 12.5
+"""
+
+
+def unit(tmp_path, content=SYSTEMD_INI, name="site.ini"):
+    """``content`` exported as a unit: its path, its (section, key) values."""
+    ini = tmp_path / name
+    ini.write_text(content)
+    out = tmp_path / "pyramid-lb-site.service"
+    assert cli.main(["export", "systemd", str(ini), "-o", str(out)]) == 0
+    values, section = {}, None
+    for line in out.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[section, key] = value
+    return out, values
+
+
+def test_the_unit_runs_this_pyramid_lb_with_timeouts_from_the_ini(tmp_path):
+    out, values = unit(tmp_path)
+    service = {key: value for (section, key), value in values.items()}
+    assert service["ExecStart"] == f"{BIN / 'pyramid-lb'} serve {tmp_path}/site.ini"
+    assert service["WorkingDirectory"] == str(tmp_path)
+    # graceful_timeout 12.5 + drain_timeout 7 + stop_timeout 3.2, rounded up,
+    # plus the margin; startup_timeout 20 plus the margin.
+    assert service["TimeoutStopSec"] == str(math.ceil(12.5 + 7 + 3.2) + 10) == "33"
+    assert "# margin: 12.5 + 7 + 3.2 + 10 = 33 seconds." in out.read_text()
+    assert service["TimeoutStartSec"] == "30"
+    assert {
+        key: service[key]
+        for key in (
+            "Type",
+            "NotifyAccess",
+            "ExecReload",
+            "KillMode",
+            "Restart",
+            "NoNewPrivileges",
+            "ProtectSystem",
+            "PrivateTmp",
+        )
+    } == {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "KillMode": "mixed",
+        "Restart": "on-failure",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "full",
+        "PrivateTmp": "yes",
+    }
+    assert "User" not in service and "#User=" in out.read_text()
+    assert values["Install", "WantedBy"] == "multi-user.target"
+
+
+def test_the_unit_takes_the_defaults_of_an_ini_without_timeouts(tmp_path):
+    _, values = unit(tmp_path, ini_with())
+    # graceful_timeout 30, drain_timeout 30, stop_timeout 10, margin 10;
+    # startup_timeout 30 plus 10.
+    assert values["Service", "TimeoutStopSec"] == "80"
+    assert values["Service", "TimeoutStartSec"] == "40"
+
+
+@pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None,
+    reason="systemd-analyze is not installed (Debian package systemd)",
+)
+@pytest.mark.parametrize(
+    "directory",
+    [pytest.param("app", id="plain"), pytest.param("my app $HOME", id="odd")],
+)
+def test_the_unit_passes_systemd_analyze_verify(tmp_path, directory):
+    here = tmp_path / directory
+    here.mkdir()
+    out, values = unit(here)
+    # Offline: no running systemd is needed; it checks every key and that
+    # ExecStart's program exists (this venv's pyramid-lb).
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", "--man=no", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    if directory != "app":  # the odd path is quoted and escaped, not mangled
+        assert values["Service", "ExecStart"].endswith(
+            f'serve "{tmp_path}/my app $$HOME/site.ini"'
+        )
+        assert values["Service", "WorkingDirectory"] == f"{tmp_path}/my app $HOME"
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        pytest.param(
+            SYSTEMD_INI,
+            ["--listen", "127.0.0.1:80"],
+            "--listen has no meaning",
+            id="listen",
+        ),
+        pytest.param(
+            SYSTEMD_INI.replace("graceful_timeout = 12.5", "graceful_timeout = soon"),
+            [],
+            "graceful_timeout = 'soon' is not valid",
+            id="graceful_timeout",
+        ),
+        pytest.param(
+            SYSTEMD_INI.partition("[server:dispatcher]")[0],
+            [],
+            "[server:dispatcher]",
+            id="no server section",
+        ),
+    ],
+)
+def test_bad_systemd_input_is_one_line_and_exit_1(
+    tmp_path, capsys, content, args, message
+):
+    ini = tmp_path / "site.ini"
+    ini.write_text(content)
+    assert cli.main(["export", "systemd", str(ini), *args]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("pyramid-lb: error: ")
+    assert captured.err.count("\n") == 1 and message in captured.err

@@ -551,8 +551,10 @@ def serve():
     before = set(threading.enumerate())
     started, clients = [], []
 
-    def start(app, options):
-        server = front.create_server(app, {"listen": "127.0.0.1:0", **options})
+    def start(app, options, own_paths=()):
+        server = front.create_server(
+            app, {"listen": "127.0.0.1:0", **options}, own_paths
+        )
         stop = threading.Event()
         socket_map = front._map(server)
 
@@ -694,3 +696,21 @@ def refused(port):
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_an_instances_health_paths_answer_while_its_threads_are_busy(serve):
+    """An instance whose one thread runs a slow view (the dispatcher's cap
+    lets it have that many) still answers its health checks at once."""
+    app = Blocking()
+    app.admin_prefix = None  # an app of its own: only its health paths
+    (port,) = ports_of(serve(app, {"threads": 1}, own_paths=("/healthz", "/readyz")))
+    serve.connect(port).send(b"/slow")
+    wait_until(lambda: app.waiting == 1, 2)
+    prober = serve.connect(port)
+    assert prober.timed(b"/healthz") < AT_ONCE
+    assert prober.timed(b"/readyz") < AT_ONCE
+    other = serve.connect(port)
+    other.send(b"/other")
+    assert other.silent(0.2), "another path waits for the thread"
+    app.release.set()
+    assert other.answer() == b"/other"

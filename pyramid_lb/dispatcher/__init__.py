@@ -12,13 +12,19 @@ from pyramid_lb.dispatcher.admin import PREFIX, Admin
 from pyramid_lb.dispatcher.balancer import make_strategy
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
-from pyramid_lb.dispatcher.config import AUTO, DispatcherConfig, parse_dispatcher
+from pyramid_lb.dispatcher.config import (
+    AUTO,
+    DispatcherConfig,
+    parse_dispatcher,
+    retry_after,
+)
 from pyramid_lb.dispatcher.operations import Busy, Operations
 from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget
 from pyramid_lb.dispatcher.queueing import RequestQueue
 from pyramid_lb.dispatcher.sticky import Sticky
 from pyramid_lb.dispatcher.supervisor import Supervisor
 from pyramid_lb.forwarded import ProxyHeaders
+from pyramid_lb.notify import Notifier
 from pyramid_lb.process import WAITRESS_THREADS, outside_the_handler, stop_on_signals
 from pyramid_lb.settings import SettingsError
 
@@ -88,7 +94,7 @@ class Dispatcher:
             budget=RetryBudget(config.retry_budget),
             max_body_size=config.max_body_size,
             via_name=config.via_name,
-            retry_after=max(1, round(config.health_check_interval)),
+            retry_after=retry_after(config),
             sticky=sticky,
             trusted=trusted,
         )
@@ -110,6 +116,8 @@ class Dispatcher:
         self.failure_is_raised = False
         #: The address it serves on, for the log (set by whoever serves it).
         self.url: str | None = None
+        #: Tells systemd how it goes (set by whoever serves it; silent here).
+        self.notifier = Notifier()
         self._ready: int | None = None  # instances taking requests, as last told
         self._ever_ready = False
         self._ready_lock = threading.Lock()
@@ -161,7 +169,10 @@ class Dispatcher:
         if self.supervisor is not None:
             for path in self.supervisor.plan:
                 caps.append(self.supervisor.in_flight_cap(path) or WAITRESS_THREADS)
-        return max(WAITRESS_THREADS, sum(caps) + config.queue_size)
+        # And a few more, to answer at once (503) those that find the queue
+        # full instead of leaving them to wait inside waitress.
+        spare = max(4, config.queue_size // 10)
+        return sum(caps) + config.queue_size + spare
 
     def start(self) -> None:
         """Spawn the instances and start checking them."""
@@ -199,6 +210,7 @@ class Dispatcher:
                 len(backends),
                 where,
             )
+        self.notifier.instances_ready(ready, len(backends))
 
     def _fatal(self, message: str) -> None:
         """The app does not start (the supervisor gave up): stop, as on SIGTERM."""
@@ -208,6 +220,11 @@ class Dispatcher:
         if self._signals:
             # The main thread runs the server: a signal is what stops it.
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def stopping(self) -> None:
+        """The server stops gracefully: the requests waiting for an instance
+        are answered 503 now, since the grace time may not see them served."""
+        self.cluster.queue.close()
 
     def stop(self) -> None:
         """Stop the instances and the checks (idempotent)."""
@@ -238,12 +255,20 @@ class Dispatcher:
             return False
         stop_on_signals(log, quiet=lambda: self.failure is not None)
 
-        def rolling_restart():
+        def rolling_restart():  # in a thread of its own
             log.info("SIGHUP: rolling restart")
+            # RELOADING=1 then READY=1 even when refused: under systemd's
+            # Type=notify-reload, `systemctl reload` waits for both.
+            self.notifier.reloading()
+            outcome = "stopped (the old instances serve)"
             try:
-                self.supervisor.rolling_restart(background=True)
+                if self.supervisor.rolling_restart():
+                    outcome = "done"
             except Busy as exc:
                 log.warning("SIGHUP: no rolling restart: %s", exc)
+                outcome = "refused (another operation is under way)"
+            finally:
+                self.notifier.reloaded(outcome)
 
         signal.signal(
             signal.SIGHUP, lambda signum, frame: outside_the_handler(rolling_restart)

@@ -281,6 +281,13 @@ class Admin:
                 "timeouts": queue.timeouts,
                 "rejected": queue.rejected,
                 "wait_ms_total": round(queue.waited * 1000, 1),
+                # waits by how long they lasted: [upper bound in s, count]
+                "waits": [
+                    [bound, count]
+                    for bound, count in zip(
+                        (*WAIT_BUCKETS, None), queue.buckets, strict=True
+                    )
+                ],
             },
             "recycled": dict(recycled),
             "instances": instances,

@@ -25,7 +25,16 @@ def _untried(candidates: Sequence[Backend], tried) -> Sequence[Backend]:
     return [b for b in candidates if b not in tried] if tried else candidates
 
 
-class RoundRobin:
+class Strategy:
+    """What every strategy shares."""
+
+    def binds(self, environ) -> bool:
+        """Whether the request belongs to the instance chosen for it (it then
+        waits for that one's room rather than go elsewhere)."""
+        return False
+
+
+class RoundRobin(Strategy):
     """Each candidate in turn."""
 
     def __init__(self, cluster: Cluster):
@@ -40,7 +49,7 @@ class RoundRobin:
         return candidates[self._next() % len(candidates)]
 
 
-class WeightedRoundRobin:
+class WeightedRoundRobin(Strategy):
     """Smooth weighted round robin, as nginx's: weights spread out evenly.
 
     With weights 5, 1, 1 the order is a a b a c a a, never a run of five.
@@ -76,7 +85,7 @@ class WeightedRoundRobin:
         return best
 
 
-class LeastConnections:
+class LeastConnections(Strategy):
     """The candidate with the fewest requests in flight; ties take turns."""
 
     def __init__(self, cluster: Cluster):
@@ -97,7 +106,7 @@ class LeastConnections:
         return best
 
 
-class PowerOfTwoChoices:
+class PowerOfTwoChoices(Strategy):
     """Two random candidates; the one with fewer requests in flight wins.
 
     Nearly as good as least connections, without every request looking at
@@ -140,7 +149,7 @@ def key_function(spec: str):
     )
 
 
-class ConsistentHash:
+class ConsistentHash(Strategy):
     """Consistent hashing on a key of the request, bounded loads optional.
 
     Each instance owns ``points`` spots (times its weight) on a ring; a key
@@ -191,6 +200,10 @@ class ConsistentHash:
                 self._ring = ([h for h, _ in spots], owners, len(set(owners)))
                 self._version = version
             return self._ring
+
+    def binds(self, environ) -> bool:
+        """A request with a key keeps to its instance, full or not."""
+        return bool(self.key(environ))
 
     def choose(self, environ, tried=()) -> Backend | None:
         key = self.key(environ)

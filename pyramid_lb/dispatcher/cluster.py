@@ -145,11 +145,13 @@ class Attempt:
         backend = self.backend
         with backend.lock:
             backend.tally.add(self.status, elapsed)
-        self.cluster.release(backend)
         # A failure before the head counts against the instance, a timeout
-        # too: an instance that stops answering is taken out passively.
+        # too: an instance that stops answering is taken out passively. It is
+        # counted before the slot is freed, so that an ejection it causes
+        # comes before the slot is handed to the next request.
         if isinstance(error, UpstreamError) and not self.status:
             self.cluster.failed(backend, str(error))
+        self.cluster.release(backend)
         return elapsed
 
 

@@ -51,6 +51,17 @@ def in_flight_cap(value: Any) -> int | str | None:
         raise ValueError("expected auto, off or an integer >= 1") from None
 
 
+_memory = or_off(size)
+
+
+def memory_limit(value: Any) -> int | None:
+    """``off`` (None) or a size above 0."""
+    limit = _memory(value)
+    if limit == 0:
+        raise ValueError("expected off or a size above 0, e.g. 512M")
+    return limit
+
+
 class BackendSpec(NamedTuple):
     """An instance the dispatcher balances over, as configured."""
 
@@ -236,7 +247,7 @@ DISPATCHER_SETTINGS = (
     ),
     Setting(
         "max_memory",
-        or_off(size),
+        memory_limit,
         "off",
         "Resident memory (e.g. `512M`) above which a spawned instance is "
         "replaced the same way (`off`: never).",
@@ -385,6 +396,12 @@ DispatcherConfig = dataclasses.make_dataclass(
     [(setting.name, Any) for setting in DISPATCHER_SETTINGS],
     frozen=True,
 )
+
+
+def retry_after(config: DispatcherConfig) -> int:
+    """Seconds a client is told to wait (Retry-After) when no instance is
+    there for it: about the time a health check takes to see one back."""
+    return max(1, round(config.health_check_interval))
 
 
 def parse_dispatcher(raw: Mapping[str, Any]) -> DispatcherConfig:

@@ -123,6 +123,18 @@ def insist_on_stopping(interval: float = 0.5) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def health_paths(app: Any) -> tuple[str, ...]:
+    """The add-on's liveness and readiness paths, when the app has them: the
+    server answers them on threads of their own, so that a dispatcher
+    filling every thread with slow requests (up to its cap) does not see
+    the instance as hung."""
+    registry = getattr(app, "registry", None)
+    if registry is None or registry.queryUtility(IHealth) is None:
+        return ()
+    settings = registry.settings
+    return (settings["pyramid_lb.health_path"], settings["pyramid_lb.ready_path"])
+
+
 def stop_at_once(app: Any) -> None:
     """SIGTERM and SIGINT stop the server without draining: the dispatcher
     drained this instance already."""
@@ -161,7 +173,9 @@ def serve(
         return
     conf = dict(server.local_conf)
     conf.update(forwarded_options(app, conf))
-    wsgi_server, grace = create_server(app, conf, f"{ini} [server:{server_name}]", port)
+    wsgi_server, grace = create_server(
+        app, conf, f"{ini} [server:{server_name}]", port, own_paths=health_paths(app)
+    )
     wsgi_server.print_listen("Serving on http://{}:{}")
     # Until SIGTERM: what is in flight (answers being sent included) is then
     # finished, within the supervisor's stop_timeout.

@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 from pyramid_lb.addresses import parse_host
 from pyramid_lb.dispatcher.cluster import Attempt, Backend, Cluster
-from pyramid_lb.dispatcher.queueing import FULL, GONE
+from pyramid_lb.dispatcher.queueing import CLOSED, FULL, GONE
 from pyramid_lb.dispatcher.stats import Tally
 from pyramid_lb.dispatcher.upstream import (
     NO_BODY,
@@ -515,10 +515,10 @@ class Task:
                 if tried:
                     self.why = "no other instance is available to try it on"
                 return None
-            # Pinned, or hashed to a full instance: that one; else any.
+            # Pinned, or hashed to it: that one; else any.
             bound = None
             if backend is not None and (
-                backend is want or not cluster.has_room(backend)
+                backend is want or proxy.strategy.binds(self.environ)
             ):
                 bound = backend
             backend, ended = queue.wait(cluster, bound, tried)
@@ -528,17 +528,7 @@ class Task:
             if ended == GONE and bound is not None:
                 want = None  # its instance left rotation: balanced as usual
                 continue
-            if ended == FULL:
-                self.why = (
-                    f"every instance is busy and {queue.size} requests wait "
-                    "already (queue_size)"
-                )
-            elif ended == GONE:
-                self.why = "no instance is available to take the request"
-            else:
-                self.why = (
-                    f"every instance stayed busy for {queue.timeout:g}s (queue_timeout)"
-                )
+            self.why = _wait_ended(ended, bound, queue)
             return None
 
     def retry_refusal(self, error: UpstreamError) -> str | None:
@@ -556,6 +546,8 @@ class Task:
             )
         if not self.body.rewind():
             return "its body cannot be sent again"
+        if not proxy.cluster.untried(self.tried):
+            return "no other instance is available to try it on"
         if not proxy.budget.try_spend():
             return (
                 "the retry budget is spent (retry_budget: too many retries of "
@@ -628,6 +620,20 @@ class Task:
                 backend.name if backend is not None else "-",
                 self.request_id,
             )
+
+
+def _wait_ended(ended: str, bound: Backend | None, queue) -> str:
+    """Why a request that went to the queue got no instance."""
+    busy = f"instance {bound.name}" if bound else "every instance"
+    if ended == FULL:
+        if not queue.size:
+            return f"{busy} is busy, and there is no queue (queue_size = 0)"
+        return f"{busy} is busy and {queue.size} requests wait already (queue_size)"
+    if ended == CLOSED:
+        return "the dispatcher is stopping"
+    if ended == GONE:
+        return "no instance is available to take the request"
+    return f"{busy} stayed busy for {queue.timeout:g}s (queue_timeout)"
 
 
 class Streamed:

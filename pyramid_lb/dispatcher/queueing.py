@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import random
 import threading
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FULL = "full"  # queue_size requests were waiting already
 TIMEOUT = "timeout"  # no slot within queue_timeout
 GONE = "gone"  # the instance waited for left rotation, or every instance did
+CLOSED = "closed"  # the dispatcher is stopping: it sends no more requests
 
 # Waiters look again this often, in case a slot came free without a word
 # (an ejection that ran out): a safety net, not how they are served.
@@ -73,6 +75,7 @@ class RequestQueue:
         self.rejected = 0  # found the queue full
         self.buckets = [0] * (len(WAIT_BUCKETS) + 1)
         self.waited = 0.0  # seconds, all waits together
+        self.closed = False
 
     @property
     def depth(self) -> int:
@@ -84,10 +87,12 @@ class RequestQueue:
     ) -> tuple[Backend | None, str | None]:
         """Wait for a slot on ``want`` (or, without it, on any candidate not
         in ``tried``); ``(backend, None)`` with the slot taken, or ``(None,
-        why)``: :data:`FULL`, :data:`TIMEOUT` or :data:`GONE`."""
+        why)``: :data:`FULL`, :data:`TIMEOUT`, :data:`GONE` or :data:`CLOSED`."""
         waiter = Waiter(want, tried)
         started = perf_counter()
         with self._lock:
+            if self.closed:
+                return None, CLOSED
             if len(self._waiters) >= self.size:
                 self.rejected += 1
                 return None, FULL
@@ -108,20 +113,27 @@ class RequestQueue:
                 self._waiters.remove(waiter)
                 self.timeouts += 1
             self._count(perf_counter() - started)
-        if waiter.backend is not None:
-            self.served += 1
-            return waiter.backend, None
-        return None, GONE if waiter.gone else TIMEOUT
+            if waiter.backend is not None:
+                self.served += 1
+                return waiter.backend, None
+        if waiter.gone:
+            return None, CLOSED if self.closed else GONE
+        return None, TIMEOUT
 
     def offer(self, cluster: Cluster, backend: Backend) -> None:
         """A slot came free on ``backend``: the first waiter that may use it
         gets it."""
         with self._lock:
             candidate = backend in cluster.candidates()
+            bound = candidate or cluster.keeps_pinned(backend)
+            # In its slow start, an instance takes only its share of the
+            # requests that could go anywhere.
+            share = cluster.share(backend)
+            welcome = candidate and (share >= 1 or random.random() < share)
             for waiter in self._waiters:
                 wanted = waiter.want
-                if (wanted is backend and cluster.keeps_pinned(backend)) or (
-                    wanted is None and candidate and backend not in waiter.tried
+                if (wanted is backend and bound) or (
+                    wanted is None and welcome and backend not in waiter.tried
                 ):
                     if cluster.take(backend):
                         self._hand(waiter, backend)
@@ -147,14 +159,22 @@ class RequestQueue:
             elif cluster.take(wanted):
                 self._hand(waiter, wanted)
             return
-        untried = [b for b in candidates if b not in waiter.tried]
-        if not untried:
+        if not cluster.untried(waiter.tried):
             self._let_go(waiter)
             return
-        for backend in untried:
+        for backend in cluster.eligible(waiter.tried):
             if cluster.take(backend):
                 self._hand(waiter, backend)
                 return
+
+    def close(self) -> None:
+        """The dispatcher stops: every waiter, and every later request that
+        would wait, is let go at once (to be answered 503), rather than cut
+        off when the stop's grace time runs out."""
+        with self._lock:
+            self.closed = True
+            for waiter in list(self._waiters):
+                self._let_go(waiter)
 
     def _hand(self, waiter: Waiter, backend: Backend) -> None:
         waiter.backend = backend

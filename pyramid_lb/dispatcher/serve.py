@@ -5,15 +5,18 @@ from __future__ import annotations
 import configparser
 import logging
 import os
+import signal
 import threading
 
 from pyramid.paster import setup_logging
 
 from pyramid_lb import server as front
 from pyramid_lb.dispatcher import make_dispatcher
+from pyramid_lb.notify import Notifier
 from pyramid_lb.process import (
     StartupError,
     create_server,
+    handles_sigterm,
     is_waitress,
     load,
     stop_on_signals,
@@ -34,7 +37,11 @@ def serve(
     ``instances`` and ``port`` override the ini file; without ``dispatch``
     only the instances run (supervised, health-checked), for a front end
     such as nginx or HAProxy. Raises StartupError for anything a user can fix.
+
+    Under systemd (``$NOTIFY_SOCKET``), it says READY=1 once an instance
+    takes requests and it serves, and more: see :mod:`pyramid_lb.notify`.
     """
+    notifier = Notifier.from_environ()  # before any instance inherits it
     app = load(ini, "app:dispatcher")
     _setup_logging(os.path.abspath(ini))
     overrides = {} if instances is None else {"instances": str(instances)}
@@ -42,6 +49,7 @@ def serve(
         dispatcher = make_dispatcher(app.global_conf, overrides, **app.local_conf)
     except SettingsError as exc:
         raise StartupError(str(exc)) from None
+    dispatcher.notifier = notifier
     server = grace = None
     if dispatcher.supervisor is not None:
         dispatcher.supervisor.fixed_ports = not dispatch
@@ -65,15 +73,21 @@ def serve(
         # Before the instances start: one that fails at once stops us by a
         # signal (see Dispatcher._fatal).
         dispatcher.install_signal_handlers() or stop_on_signals(log)
+        if notifier.enabled:
+            _notify_stopping(notifier)
         try:
             dispatcher.start()
         except RuntimeError as exc:  # no free port left for an instance
             raise StartupError(str(exc)) from None
         if server is None:
             log.info("supervising the instances, without a dispatcher")
+            notifier.serving()
             threading.Event().wait()
         else:
             server.print_listen("Serving on http://{}:{}")
+            # Listening since create_server: connections wait in the backlog
+            # for the loop that front.run starts now.
+            notifier.serving()
             # Until SIGTERM or SIGINT, then what is in flight is finished.
             front.run(server, grace)
     except (KeyboardInterrupt, SystemExit):
@@ -81,7 +95,24 @@ def serve(
     finally:
         dispatcher.stop()
     if dispatcher.failure is not None:
+        notifier.failed(dispatcher.failure)
         raise StartupError(dispatcher.failure)
+
+
+def _notify_stopping(notifier: Notifier) -> None:
+    """Say STOPPING=1 first when SIGTERM or SIGINT stops the dispatcher, then
+    do what their handlers (installed already) do."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        stop = signal.getsignal(signum)
+        if not callable(stop):
+            continue
+
+        @handles_sigterm
+        def stopping(signum, frame, stop=stop):
+            notifier.stopping()
+            stop(signum, frame)
+
+        signal.signal(signum, stopping)
 
 
 def _setup_logging(path: str) -> None:

@@ -57,6 +57,10 @@ MEMORY_READ_INTERVAL = 1.0
 #: got ready: a broken deploy, say) is tried again, so that it does not hold
 #: the operations, which a rolling restart with the fix needs, all the time.
 RECYCLE_RETRY_AFTER = 30.0
+#: Seconds between the end of a recycle and the start of the next, so that
+#: an operator's reload, scale or drain is not refused for as long as
+#: instances keep coming due.
+RECYCLE_GAP = 2.0
 
 
 class Instance:
@@ -151,6 +155,7 @@ class Supervisor:
         self._threads: dict[str, int] = {}  # ini path -> server_threads()
         #: Completed recycles by reason (``max_requests``, ``max_memory``).
         self.recycled: collections.Counter[str] = collections.Counter()
+        self._next_recycle = 0.0  # monotonic: not before (RECYCLE_GAP)
         self._out = out or sys.stderr
         #: The instances running or being started, in the order they came.
         self.spawned: list[Instance] = []
@@ -494,7 +499,7 @@ class Supervisor:
         """
         if not (self.max_requests or self.max_memory) or self._stop.is_set():
             return
-        if self.operations.running is not None:
+        if self.operations.running is not None or now < self._next_recycle:
             return
         instances = list(self.spawned)
         if not instances or any(
@@ -550,10 +555,29 @@ class Supervisor:
         log.info("instance %s: recycling it: %s", instance.id, why)
         # Should it fail (in any way), it is not tried again at once.
         instance.recycle_after = time.monotonic() + RECYCLE_RETRY_AFTER
-        if not self._replace(instance, what):
-            return False
+        try:
+            if not self._replace(instance, what):
+                return False
+        finally:
+            self._next_recycle = time.monotonic() + RECYCLE_GAP
         self.recycled[reason] += 1
+        if reason == "max_memory":
+            self._check_memory_limit(max(self.spawned, key=lambda i: i.started_at))
         return True
+
+    def _check_memory_limit(self, fresh: Instance) -> None:
+        """A limit a fresh instance is over already would replace instances
+        for ever: say so, and recycle no more for memory."""
+        memory = _resident_memory(fresh.pid)
+        if memory is not None and self.max_memory and memory > self.max_memory:
+            log.error(
+                "max_memory = %s is less than a fresh instance uses (%s for %s): "
+                "no more recycling for memory; raise it",
+                _megabytes(self.max_memory),
+                _megabytes(memory),
+                fresh.id,
+            )
+            self.max_memory = None
 
     # -- stopping -------------------------------------------------------------
 

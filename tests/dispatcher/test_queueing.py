@@ -13,7 +13,7 @@ from pyramid_lb.dispatcher import make_dispatcher
 from pyramid_lb.dispatcher.balancer import ConsistentHash, RoundRobin
 from pyramid_lb.dispatcher.cluster import DOWN, UP, Backend, Cluster
 from pyramid_lb.dispatcher.proxy import Proxy
-from pyramid_lb.dispatcher.queueing import FULL, GONE, TIMEOUT, RequestQueue
+from pyramid_lb.dispatcher.queueing import CLOSED, FULL, GONE, TIMEOUT, RequestQueue
 from tests.clock import Clock
 from tests.dispatcher import canned
 from tests.dispatcher.site import all_up, free_base_port, serve, stats
@@ -57,6 +57,29 @@ def test_a_freed_slot_goes_to_the_first_waiter_in_order():
     assert served == [(backend, None)] * 3
     assert backend.in_flight == 1  # handed over, never freed in between
     assert (cluster.queue.depth, cluster.queue.served) == (0, 3)
+
+
+def test_a_freed_slot_goes_at_once_to_a_waiter_bound_to_it():
+    """A pinned (or hashed) request waiting for its instance gets the slot it
+    frees, not half a second later when waiters look again."""
+    cluster, (pinned, _) = capped(2)
+    assert cluster.take(pinned)
+    thread, got = waiting(cluster, want=pinned)
+    started = time.monotonic()
+    cluster.release(pinned)
+    thread.join(5)
+    assert got == [(pinned, None)]
+    assert time.monotonic() - started < 0.25
+
+
+def test_a_stopping_dispatcher_lets_its_waiters_go():
+    cluster, (backend,) = capped()
+    assert cluster.take(backend)
+    thread, got = waiting(cluster)
+    cluster.queue.close()
+    thread.join(5)
+    assert got == [(None, CLOSED)]
+    assert cluster.queue.wait(cluster, None, []) == (None, CLOSED)
 
 
 def test_a_full_queue_turns_away_at_once():
@@ -177,8 +200,8 @@ def test_the_stats_show_caps_and_the_ramp():
     assert shares[first.name] == 1.0 and shares[second.name] < 0.2
     assert shown["queue"]["size"] == 7 and shown["queue"]["depth"] == 0
     # The server gets a thread for each slot and each place in the queue
-    # (an uncapped instance counts as waitress's 4).
-    assert dispatcher.server_defaults["threads"] == 3 + 4 + 7
+    # (an uncapped instance counts as waitress's 4), and 4 to refuse more.
+    assert dispatcher.server_defaults["threads"] == 3 + 4 + 7 + 4
 
 
 # -- end to end: spawned instances of tests/fixtureapps/busy_app.py -----------
@@ -428,3 +451,26 @@ def test_a_hashed_request_waits_for_its_instance_a_balanced_one_does_not(gated, 
         gates[0].open(), gates[1].open()
         first.join(5), second.join(5)
     assert [a[0] for a in first_answer + second_answer] == ["200 OK"] * 2
+
+
+def test_sigterm_answers_the_requests_waiting_in_the_queue(processes, tmp_path):
+    """On SIGTERM what is in flight is finished, and what waits for an
+    instance gets 503 at once, rather than being cut off at the deadline."""
+    ini, _ = busy_site(tmp_path, 1)
+    process, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 1), 20)
+    with ThreadPool(5) as pool:
+        answers = [pool.submit(timed_get, url + "/slow?ms=1500") for _ in range(5)]
+        wait_until(
+            lambda: (
+                requests.get(url + "/_lb/stats.json", timeout=5).json()["queue"][
+                    "depth"
+                ]
+                == 4
+            ),
+            5,
+        )
+        process.signal(signal.SIGTERM)
+        statuses = sorted(answer.result()[0] for answer in answers)
+    assert statuses == [200, 503, 503, 503, 503]
+    assert process.wait(15) == 0
