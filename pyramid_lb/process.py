@@ -94,7 +94,20 @@ WAITRESS_THREADS = 4
 def server_threads(ini: str) -> int:
     """The worker threads of ``ini``'s ``[server:main]``: how many requests
     its instance serves at once (without waiting inside waitress)."""
-    conf = load(ini, "server:main").local_conf
+    try:
+        # As the instance runner loads it: ``get port = http_port`` then
+        # reads a port (any will do here) rather than fail.
+        conf = load(ini, "server:main", {"http_port": "0"}).local_conf
+    except ImportError:
+        # A server of the app's own that only the instance can import (its
+        # sys.path is the app's): the section's text is enough for this.
+        parser = configparser.RawConfigParser(strict=False)
+        parser.read(ini)
+        conf = (
+            dict(parser.items("server:main"))
+            if parser.has_section("server:main")
+            else {}
+        )
     value = conf.get("threads", WAITRESS_THREADS)
     try:
         threads = int(value)

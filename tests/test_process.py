@@ -16,6 +16,7 @@ from pyramid_lb.process import (
     listen_host,
     listen_problem,
     load,
+    server_threads,
 )
 from tests.dispatcher.site import free_port
 from tests.processes import ROOT, wait_until
@@ -94,6 +95,32 @@ def test_the_apps_own_errors_keep_their_traceback(ini):
     path = ini("[app:main]\nuse = call:tests.fixtureapps.broken_app:main\n")
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency"):
         load(path, "app:main")
+
+
+@pytest.mark.parametrize(
+    ("server", "threads"),
+    [
+        pytest.param("use = egg:waitress#main\n", 4, id="waitress's default"),
+        pytest.param(
+            "use = egg:waitress#main\nget port = http_port\nthreads = 7\n",
+            7,
+            id="port from the command line",
+        ),
+        pytest.param(
+            "use = call:no_such_module:serve\nthreads = 2\n",
+            2,
+            id="a server only its instance can import",
+        ),
+    ],
+)
+def test_server_threads(ini, server, threads):
+    assert server_threads(ini("[server:main]\n" + server)) == threads
+
+
+def test_server_threads_must_be_a_number(ini):
+    path = ini("[server:main]\nuse = egg:waitress#main\nthreads = many\n")
+    with pytest.raises(StartupError, match=r"threads = 'many' is not a number"):
+        server_threads(path)
 
 
 def test_load_of_a_missing_file(tmp_path):

@@ -204,10 +204,18 @@ def test_the_stats_show_caps_and_the_ramp():
     assert dispatcher.server_defaults["threads"] == 3 + 4 + 7 + 4
 
 
-# -- end to end: spawned instances of tests/fixtureapps/busy_app.py -----------
+# -- end to end: spawned instances of tests/fixtureapps/counting_app.py -------
+
+#: Its server sections: waitress, or one that hides no request from the app
+#: (a thread each), telling the dispatcher its ``threads`` all the same.
+SERVERS = {
+    "waitress": "use = egg:pyramid_lb#waitress\nhost = 127.0.0.1\n",
+    "counting": "use = call:tests.fixtureapps.counting_app:server_factory\n"
+    "get port = http_port\n",
+}
 
 
-def busy_site(tmp_path, instances, threads=1, **dispatcher):
+def busy_site(tmp_path, instances, threads=1, server="waitress", **dispatcher):
     settings = {
         "instances": instances,
         "base_port": free_base_port(),
@@ -225,12 +233,10 @@ def busy_site(tmp_path, instances, threads=1, **dispatcher):
     ini.write_text(
         f"""
 [app:main]
-use = call:tests.fixtureapps.busy_app:main
+use = call:tests.fixtureapps.counting_app:main
 
 [server:main]
-use = egg:pyramid_lb#waitress
-host = 127.0.0.1
-threads = {threads}
+{SERVERS[server]}threads = {threads}
 
 [app:dispatcher]
 use = egg:pyramid_lb#dispatcher
@@ -277,25 +283,29 @@ class DepthWatch:
 
 
 @pytest.mark.parametrize(
-    ("threads", "cap"),
+    ("server", "threads", "cap"),
     [
-        pytest.param(1, "auto", id="auto: the instance's one thread"),
-        pytest.param(4, "1", id="max_in_flight = 1 under 4 threads"),
+        # A server that would run every request at once: only the cap,
+        # read from its threads = 1, keeps them one at a time.
+        pytest.param("counting", 1, "auto", id="auto: the instance's one thread"),
+        pytest.param("waitress", 4, "1", id="max_in_flight = 1 under 4 threads"),
     ],
 )
 def test_requests_wait_at_the_dispatcher_not_in_the_instance(
-    processes, tmp_path, threads, cap
+    processes, tmp_path, server, threads, cap
 ):
     """20 clients on a 200 ms view over two instances that serve one at a
     time: all answered, in order, at the pace of the instances."""
-    ini, base = busy_site(tmp_path, 2, threads=threads, max_in_flight=cap)
+    ini, base = busy_site(
+        tmp_path, 2, threads=threads, server=server, max_in_flight=cap
+    )
     _, url = serve(processes, ini)
     wait_until(lambda: all_up(url, 2), 20)
     with DepthWatch(url) as depth, ThreadPool(20) as pool:
-        results = list(pool.map(timed_get, [url + "/slow?ms=200"] * 40))
+        results = list(pool.map(timed_get, [url + "/slow?s=0.2"] * 40))
     assert [status for status, _, _ in results] == [200] * 40
     peaks = [
-        requests.get(f"http://127.0.0.1:{port}/peak").json()["peak"]
+        requests.get(f"http://127.0.0.1:{port}/counts").json()["most"]
         for port in (base, base + 1)
     ]
     assert peaks == [1, 1], "an instance saw more than one request at a time"
@@ -313,7 +323,7 @@ def test_a_request_that_waits_too_long_gets_503_on_time(processes, tmp_path):
     _, url = serve(processes, ini)
     wait_until(lambda: all_up(url, 1), 20)
     with ThreadPool(20) as pool:
-        results = list(pool.map(timed_get, [url + "/slow?ms=200"] * 20))
+        results = list(pool.map(timed_get, [url + "/slow?s=0.2"] * 20))
     statuses = [status for status, _, _ in results]
     assert set(statuses) == {200, 503}, statuses
     refused = [
@@ -353,7 +363,7 @@ def test_a_frozen_instance_costs_only_its_share(processes, tmp_path):
         with requests.Session() as session:
             while not stop.wait(0.02):
                 try:
-                    status = session.get(url + "/slow?ms=5", timeout=30).status_code
+                    status = session.get(url + "/slow?s=0.005", timeout=30).status_code
                 except requests.RequestException as exc:
                     status = type(exc).__name__
                 done.append((time.monotonic(), status))
@@ -460,7 +470,7 @@ def test_sigterm_answers_the_requests_waiting_in_the_queue(processes, tmp_path):
     process, url = serve(processes, ini)
     wait_until(lambda: all_up(url, 1), 20)
     with ThreadPool(5) as pool:
-        answers = [pool.submit(timed_get, url + "/slow?ms=1500") for _ in range(5)]
+        answers = [pool.submit(timed_get, url + "/slow?s=1.5") for _ in range(5)]
         wait_until(
             lambda: (
                 requests.get(url + "/_lb/stats.json", timeout=5).json()["queue"][

@@ -15,7 +15,7 @@ import requests
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
 from pyramid_lb.dispatcher.operations import Busy, Operations
-from pyramid_lb.dispatcher.supervisor import Instance, Supervisor
+from pyramid_lb.dispatcher.supervisor import RECYCLE_GAP, Instance, Supervisor
 from tests.dispatcher.site import (
     Load,
     alive,
@@ -708,7 +708,8 @@ def test_max_memory_recycles_then_says_a_limit_is_too_low(processes, tmp_path):
     process, url = serve(processes, ini)
     wait_until(lambda: all_up(url, 2), timeout=20)
     process.wait_for_output("no more recycling for memory", timeout=20)
-    time.sleep(1.5)  # a second recycle would have started by now
+    # A second recycle would have started by now (they are RECYCLE_GAP apart).
+    time.sleep(RECYCLE_GAP + 1.5)
     process.signal(signal.SIGTERM)
     assert process.wait(15) == 0
     output = process.output()
