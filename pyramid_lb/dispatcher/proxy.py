@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -236,7 +237,9 @@ class RetryBudget:
         return True
 
 
-def error_response(start_response, status: int, message: str, headers=()):
+def error_response(
+    start_response, status: int, message: str, headers=(), exc_info=None
+):
     phrase = HTTPStatus(status).phrase
     body = f"{status} {phrase}: {message}\n".encode()
     start_response(
@@ -247,6 +250,7 @@ def error_response(start_response, status: int, message: str, headers=()):
             ("Cache-Control", "no-store"),
             *headers,
         ],
+        *((exc_info,) if exc_info else ()),
     )
     return [body]
 
@@ -645,13 +649,14 @@ class Streamed:
     the model): no way out forgets either.
     """
 
-    __slots__ = ("task", "attempt", "response", "size")
+    __slots__ = ("task", "attempt", "response", "size", "status")
 
     def __init__(self, task: Task, attempt: Attempt, response: Response):
         self.task = task
         self.attempt = attempt
         self.response = response
         self.size = 0
+        self.status = response.status  # as the client got it, for the log
 
     def __iter__(self) -> Iterator[bytes]:
         first = self.response.take_buffered()
@@ -669,11 +674,18 @@ class Streamed:
                 self.attempt.backend.name,
                 exc,
             )
-            raise
+            if self.size:  # part of the body is out: only a cut tells the client
+                raise
+            # Nothing of the body went out, nor the head (waitress sends it
+            # with the first byte): the client still gets a clean 502/504.
+            self.status = exc.status
+            yield from error_response(
+                self.task.start_response, exc.status, str(exc), exc_info=sys.exc_info()
+            )
 
     def close(self) -> None:
         if self.attempt.ended:
             return
         self.response.release()
         self.attempt.end()
-        self.task.log(self.response.status, self.size, self.attempt.backend)
+        self.task.log(self.status, self.size, self.attempt.backend)

@@ -625,7 +625,7 @@ def test_failure_mid_body_ends_the_response_with_an_error(canned_proxy, caplog):
     assert "failed mid-response" in caplog.text
 
 
-def streamed(proxy):
+def streamed(proxy, start_response=None):
     """The proxy's answer to a GET, not read yet: (status, iterable)."""
     seen = {}
     env = {
@@ -640,8 +640,33 @@ def streamed(proxy):
         "wsgi.url_scheme": "http",
         "wsgi.input": io.BytesIO(),
     }
-    body = proxy(env, lambda status, headers: seen.update(status=status))
-    return seen["status"], body
+    body = proxy(
+        env, start_response or (lambda status, headers: seen.update(status=status))
+    )
+    return seen.get("status"), body
+
+
+def test_a_body_that_never_comes_is_a_clean_504(canned_proxy):
+    """The head came, the body did not: nothing has gone out to the client
+    yet, so it gets a 504 (WSGI's start_response with exc_info) rather than
+    the server's 500 for an app that raised."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
+    proxy, _, (backend,) = canned_proxy([head, canned.HANG])
+    started = []
+
+    def start_response(status, headers, exc_info=None):
+        started.append((status, dict(headers), exc_info is not None))
+
+    _, body = streamed(proxy, start_response)
+    answer = b"".join(body)
+    body.close()
+    assert [(s, again) for s, _, again in started] == [
+        ("200 OK", False),
+        ("504 Gateway Timeout", True),
+    ]
+    assert answer.startswith(b"504 Gateway Timeout: ")
+    assert started[1][1]["Content-Length"] == str(len(answer))
+    assert backend.in_flight == 0
 
 
 @pytest.mark.parametrize("read_all", [True, False], ids=["read to the end", "cut"])

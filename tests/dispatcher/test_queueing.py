@@ -399,8 +399,10 @@ def test_a_frozen_instance_costs_only_its_share(processes, tmp_path):
     # Alone, the slowest is about 10 ms; the bound leaves room for a suite
     # running beside it on two cores, and is far from a stalled dispatcher.
     assert max(stats_latency) < 0.5, sorted(stats_latency)[-3:]
+    # Only what was caught half-answered by the freeze fails (its cap at
+    # most), cleanly; what had no answer yet was tried elsewhere.
     failed = [status for _, status in done if status != 200]
-    assert failed == [], failed
+    assert set(failed) <= {504} and len(failed) <= 4, failed
     frozen = next(i for i in shown if i["id"] == victim["id"])
     assert frozen["ejections"] >= 1, "its timeouts in a row did not take it out"
 
