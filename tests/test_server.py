@@ -1,7 +1,9 @@
 """pyramid_lb.server: waitress hardened, tried with raw sockets on a real
 dispatcher in front of a canned instance that records what reaches it."""
 
+import hashlib
 import inspect
+import io
 import logging
 import re
 import resource
@@ -15,10 +17,11 @@ from types import SimpleNamespace
 import pytest
 import waitress
 from waitress import wasyncore
+from waitress.buffers import ReadOnlyFileBasedBuffer
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer, MultiSocketServer
-from waitress.task import ThreadedTaskDispatcher
+from waitress.task import ErrorTask, Task, ThreadedTaskDispatcher, WSGITask
 
 from pyramid_lb import server as front
 from tests.dispatcher.canned import Canned
@@ -714,3 +717,132 @@ def test_an_instances_health_paths_answer_while_its_threads_are_busy(serve):
     assert other.silent(0.2), "another path waits for the thread"
     app.release.set()
     assert other.answer() == b"/other"
+
+
+# -- answers: the head goes out with the body -----------------------------------------
+
+
+class Recording:
+    """A channel as a task sees it, recording what it is given to send."""
+
+    def __init__(self, app):
+        self.adj = waitress.adjustments.Adjustments()
+        self.server = SimpleNamespace(
+            adj=self.adj, application=app, effective_port=80, server_name="h"
+        )
+        self.addr = ("127.0.0.1", 1234)
+        self.writes = []
+
+    def write_soon(self, data):
+        if isinstance(data, ReadOnlyFileBasedBuffer):
+            data = data.get(len(data))
+        self.writes.append(bytes(data))
+        return len(data)
+
+    def check_client_disconnected(self):
+        return False
+
+
+def answer_app(status, headers, body):
+    def app(environ, start_response):
+        start_response(status, list(headers))
+        if body == "file":
+            return environ["wsgi.file_wrapper"](io.BytesIO(b"from a file"))
+        return iter(body) if isinstance(body, tuple) else body
+
+    return app
+
+
+#: status, headers, body, whether the head goes with the first piece
+ANSWERS = [
+    pytest.param("200 OK", [("Content-Length", "5")], [b"hello"], True, id="length"),
+    pytest.param("200 OK", [], [b"hello"], True, id="one piece, no length"),
+    pytest.param("200 OK", [], (b"hel", b"lo"), True, id="pieces, no length"),
+    pytest.param(
+        "200 OK", [("Content-Length", "5")], (b"hel", b"lo"), True, id="pieces"
+    ),
+    pytest.param(
+        "200 OK", [("Content-Length", "5")], [b"", b"hi"], True, id="empty first"
+    ),
+    pytest.param("200 OK", [("Content-Length", "9")], [b"hello"], True, id="too short"),
+    pytest.param("200 OK", [("Content-Length", "3")], [b"hello"], False, id="too long"),
+    pytest.param("200 OK", [("Content-Length", "0")], [], False, id="empty"),
+    pytest.param("204 No Content", [], [b"ignored"], False, id="204 with a body"),
+    pytest.param("304 Not Modified", [], [], False, id="304"),
+    pytest.param("200 OK", [], [b"x" * (front.MERGED_BODY + 1)], False, id="large"),
+    pytest.param(
+        "200 OK", [("Content-Length", "11")], "file", False, id="file wrapper"
+    ),
+    pytest.param("200 OK", [("Server", "app"), ("Date", "x")], [b"hi"], True, id="own"),
+]
+REQUESTS = [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="1.1"),
+    pytest.param(b"GET / HTTP/1.0\r\n\r\n", id="1.0"),
+    pytest.param(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", id="1.0 kept"),
+    pytest.param(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", id="head"),
+]
+
+
+def answered(task_class, app, head):
+    """What a task of ``task_class`` sends for ``app``, and what it decided."""
+    request = front.StrictRequestParser(waitress.adjustments.Adjustments())
+    request.received(head)
+    channel = Recording(app)
+    task = task_class(channel, request)
+    task.service()
+    sent = re.sub(rb"\r\nDate: [^\r]*", b"", b"".join(channel.writes))
+    decided = {
+        k: v
+        for k, v in vars(task).items()
+        if k not in ("channel", "request", "environ", "start_time")
+    }
+    return sent, decided, len(channel.writes)
+
+
+@pytest.mark.parametrize("head", REQUESTS)
+@pytest.mark.parametrize(("status", "headers", "body", "merged"), ANSWERS)
+def test_an_answer_is_sent_as_waitress_sends_it_in_fewer_writes(
+    caplog, head, status, headers, body, merged
+):
+    app = answer_app(status, headers, body)
+    with caplog.at_level(logging.WARNING, logger="waitress"):
+        theirs = answered(WSGITask, app, head)
+        warned = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        ours = answered(front.StrictTask, app, head)
+        assert [r.getMessage() for r in caplog.records] == warned
+    assert ours[:2] == theirs[:2]  # the same bytes, the same decisions
+    assert ours[2] == theirs[2] - merged
+
+
+def test_a_small_answer_is_one_write():
+    app = answer_app("200 OK", [("Content-Length", "5")], [b"hello"])
+    sent, _, writes = answered(front.StrictTask, app, REQUESTS[0].values[0])
+    assert writes == 1
+    assert sent.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n")
+    assert sent.endswith(b"\r\n\r\nhello")
+
+
+def test_an_error_answer_is_one_write():
+    request = front.StrictRequestParser(waitress.adjustments.Adjustments())
+    request.received(b"GET / HTTP/1.1\r\nHost: x\r\nA : b\r\n\r\n")
+    sent = []
+    for task_class in (ErrorTask, front.StrictErrorTask):
+        channel = Recording(None)
+        task_class(channel, request).service()
+        sent.append(channel.writes)
+    theirs, ours = sent
+    assert len(ours) == 1 < len(theirs)
+    assert re.sub(rb"Date: [^\r]*", b"", ours[0]) == re.sub(
+        rb"Date: [^\r]*", b"", b"".join(theirs)
+    )
+    assert ours[0].startswith(b"HTTP/1.0 400 Bad Request\r\n")
+
+
+def test_the_waitress_write_the_tasks_mirror_is_the_one_they_were_written_for():
+    """HeadWithBody.write does what Task.write does, in one write: if waitress
+    changes it, check the mixin again."""
+    source = inspect.getsource(Task.write)
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == "f9a97135b3b5d691"
+    assert front.StrictChannel.task_class is front.StrictTask
+    assert front.StrictChannel.error_task_class is front.StrictErrorTask
