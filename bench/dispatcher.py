@@ -1,7 +1,8 @@
 """Benchmark: the dispatcher against nginx and peers over the same two instances.
 
 Starts two demo instances (production.ini), the dispatcher in front of them
-(with the default caps, and uncapped: ``max_in_flight = off``) and, when
+(with the default caps, uncapped: ``max_in_flight = off``, and with the
+shared cache on: ``cache = memory``) and, when
 installed, nginx and the peer proxies in bench/peers/ (aiohttp, asgiproxy
 on uvicorn, WSGIProxy2 under waitress: ``pip install -e '.[bench]'``) in
 front of the same two; then drives each with wrk (or,
@@ -35,7 +36,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-VIEWS = {"hello": "/hello", "1ms-cpu": "/cpu?ms=1"}
+# "cacheable hello" is hello marked public for a minute: the "cached"
+# dispatcher (cache = memory) answers it from its cache, the others cannot.
+VIEWS = {
+    "hello": "/hello",
+    "cacheable hello": "/hello?max_age=60",
+    "1ms-cpu": "/cpu?ms=1",
+}
 
 # name: (script in bench/peers/, distributions it needs, extra arguments)
 PEERS = {
@@ -82,6 +89,7 @@ DISPATCHER_INI = """
 use = egg:pyramid_lb#dispatcher
 backends = http://127.0.0.1:{a} http://127.0.0.1:{b}
 max_in_flight = {cap}
+cache = {cache}
 
 [server:dispatcher]
 use = {server}
@@ -229,12 +237,13 @@ def report(
         ratio = f"{statistics.median(ratios[target]):.2f}" if ratios else "-"
         used = f"{statistics.median(cpu[target]):.0f}" if target in cpu else "-"
         print(f"  {target:<11} {rate:8.0f} {p50:8.2f} {p99:8.2f} {ratio:>8} {used:>11}")
-    if ratios:
-        rounds = ", ".join(f"{r:.2f}" for r in ratios["dispatcher"])
-        print(
-            f"  dispatcher/nginx: {statistics.median(ratios['dispatcher']):.2f}x "
-            f"(rounds: {rounds})"
-        )
+    for name in ("dispatcher", "cached"):
+        if name in ratios:
+            rounds = ", ".join(f"{r:.2f}" for r in ratios[name])
+            print(
+                f"  {name}/nginx: {statistics.median(ratios[name]):.2f}x "
+                f"(rounds: {rounds})"
+            )
     print(
         f"  dispatcher CPU per request: {statistics.median(cpu['dispatcher']):.0f} µs"
     )
@@ -283,7 +292,12 @@ def main() -> int:
         targets: dict[str, tuple[int, int | None]] = {"direct": (a, None)}
         # The cap spawned instances get by default (their waitress threads,
         # 4), the rest waiting in the dispatcher's queue; and without caps.
-        for name, cap in (("dispatcher", 4), ("uncapped", "off")):
+        # And with the shared cache on.
+        for name, cap, cache in (
+            ("dispatcher", 4, "off"),
+            ("uncapped", "off", "off"),
+            ("cached", 4, "memory"),
+        ):
             port = free_port()
             ini = tmp / f"{name}.ini"
             ini.write_text(
@@ -291,6 +305,7 @@ def main() -> int:
                     a=a,
                     b=b,
                     cap=cap,
+                    cache=cache,
                     port=port,
                     threads=args.threads,
                     server=SERVERS[args.server],

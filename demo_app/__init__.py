@@ -81,5 +81,6 @@ def main(global_config, **settings):
         config.add_route("hello", "/hello")
         config.add_route("slow", "/slow")
         config.add_route("cpu", "/cpu")
+        config.add_route("cached", "/cached")
         config.scan(".views")
     return config.make_wsgi_app()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import os
+import threading
 import time
 
 from pyramid.httpexceptions import HTTPBadRequest
@@ -97,7 +98,19 @@ def whoami(request):
 
 @view_config(route_name="hello")
 def hello(request):
-    return Response(b"Hello World!\n", content_type="text/plain", charset="utf-8")
+    """Hello; with ``?max_age=N``, shareable for N seconds (a cache's best case)."""
+    response = Response(b"Hello World!\n", content_type="text/plain", charset="utf-8")
+    if "max_age" in request.params:
+        response.cache_control.public = True
+        response.cache_control.max_age = _max_age(request)
+    return response
+
+
+def _max_age(request) -> int:
+    value = request.params.get("max_age", "60")
+    if not value.isdigit() or int(value) > 31_536_000:
+        raise HTTPBadRequest("max_age must be a number of seconds, at most a year")
+    return int(value)
 
 
 def _milliseconds(request, default: int, limit: int) -> int:
@@ -132,3 +145,21 @@ def cpu(request):
         content_type="text/plain",
         charset="utf-8",
     )
+
+
+#: How many times this instance computed /cached (the dispatcher's cache,
+#: with ``cache = memory``, keeps the others from reaching it).
+_computed = [0]
+_computed_lock = threading.Lock()
+
+
+@view_config(route_name="cached", renderer="json", request_method=("GET", "HEAD"))
+def cached(request):
+    """An answer every client may share for ``max_age`` seconds (default 60)."""
+    max_age = _max_age(request)
+    with _computed_lock:
+        _computed[0] += 1
+        computed = _computed[0]
+    request.response.cache_control.public = True
+    request.response.cache_control.max_age = max_age
+    return {"instance": request.lb_instance, "computed": computed}

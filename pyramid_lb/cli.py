@@ -22,6 +22,7 @@ def serve(args) -> int:
         instances=args.instances,
         port=args.port,
         dispatch=not args.no_dispatcher,
+        reload=args.reload,
     )
     return 0
 
@@ -141,6 +142,8 @@ def scale(args) -> int:
 def export(args) -> int:
     from pyramid_lb.export import export
 
+    if args.output_dir is not None or args.engine == "docker":
+        return export_files(args)
     text = export(args.engine, args.ini, listen=args.listen)
     if args.output is None:
         sys.stdout.write(text)
@@ -150,6 +153,30 @@ def export(args) -> int:
             file.write(text)
     except OSError as exc:
         return fail(f"cannot write {args.output}: {exc.strerror}")
+    return 0
+
+
+def export_files(args) -> int:
+    """``export docker``: two files, into ``--output-dir`` or to stdout."""
+    from pyramid_lb import export_docker
+    from pyramid_lb.export import check_engine, export
+
+    if args.engine != "docker":
+        return fail(
+            f"--output-dir is for docker, which writes two files; {args.engine} "
+            "writes one: give -o FILE"
+        )
+    if args.output is not None:
+        return fail(
+            f"docker writes two files ({export_docker.DOCKERFILE} and "
+            f"{export_docker.COMPOSE}): give --output-dir DIR, not -o FILE"
+        )
+    if args.output_dir is None:
+        sys.stdout.write(export(args.engine, args.ini, listen=args.listen))
+        return 0
+    check_engine(args.engine, args.listen)
+    files = export_docker.docker(args.ini, args.output_dir)
+    export_docker.write(files, args.output_dir)
     return 0
 
 
@@ -231,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run only the supervised instances, for nginx or HAProxy in front",
     )
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="for development: on a change to the app's code or ini files, "
+        "replace the instances one at a time (no request dropped; code that "
+        "does not load leaves the old instances serving)",
+    )
     run.set_defaults(handler=serve)
 
     for name, handler, text in (
@@ -256,16 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     front = commands.add_parser(
         "export",
-        help="print an nginx or HAProxy configuration equivalent to the dispatcher",
+        help="print an nginx or HAProxy configuration equivalent to the "
+        "dispatcher, or a systemd unit, Kubernetes objects or Docker files",
         description="Print a complete nginx or HAProxy configuration doing what "
         "[app:dispatcher] of INI does, in front of the instances that "
-        "`pyramid-lb serve INI --no-dispatcher` runs.",
+        "`pyramid-lb serve INI --no-dispatcher` runs; or a systemd unit running "
+        "`pyramid-lb serve INI`; or Kubernetes objects, one pod per instance; "
+        "or a Dockerfile and a compose file running `pyramid-lb serve INI` in "
+        "a container.",
     )
     front.add_argument(
         "engine",
-        choices=("nginx", "haproxy", "systemd"),
-        help="the front end to write a configuration for: nginx or haproxy; "
-        "or systemd, for a unit running `pyramid-lb serve INI`",
+        choices=("nginx", "haproxy", "systemd", "kubernetes", "docker"),
+        help="nginx or haproxy: a front end's configuration; systemd: a unit "
+        "running `pyramid-lb serve INI`; kubernetes: a Deployment (one pod per "
+        "instance, each running pserve INI), a Service and a "
+        "PodDisruptionBudget, as one YAML file; docker: a Dockerfile and a "
+        "compose.yaml (see --output-dir)",
     )
     front.add_argument(
         "ini", metavar="INI", help="the ini file with [app:dispatcher] to export"
@@ -273,10 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     front.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="where to listen (default: as [server:dispatcher])",
+        help="nginx and haproxy: where to listen (default: as [server:dispatcher])",
     )
     front.add_argument(
         "-o", "--output", metavar="FILE", help="write to FILE rather than stdout"
+    )
+    front.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="docker: write DIR/Dockerfile and DIR/compose.yaml (usually the "
+        "ini file's directory, the build context), replacing only files an "
+        "earlier export wrote; without it both are printed, each after a "
+        "'# ==> NAME <==' line",
     )
     front.set_defaults(handler=export)
     return parser

@@ -1,5 +1,6 @@
 """``pyramid-lb export``: the dispatcher's setup as nginx or HAProxy
-configuration, or as a systemd unit running it."""
+configuration, or as a systemd unit running it (Kubernetes and Docker: in
+:mod:`pyramid_lb.export_kubernetes` and :mod:`pyramid_lb.export_docker`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import NamedTuple
 from pyramid_lb.affinity_cookie import sign
 from pyramid_lb.dispatcher import make_dispatcher
 from pyramid_lb.dispatcher.admin import PREFIX
+from pyramid_lb.dispatcher.cache import FILL_WAIT
 from pyramid_lb.dispatcher.config import DispatcherConfig, retry_after
 from pyramid_lb.dispatcher.proxy import FORWARDING_HEADERS
 from pyramid_lb.process import StartupError
@@ -20,7 +22,16 @@ from pyramid_lb.process import load as load_section
 from pyramid_lb.server import graceful_timeout
 from pyramid_lb.settings import SettingsError
 
-ENGINES = ("nginx", "haproxy", "systemd")
+ENGINES = ("nginx", "haproxy", "systemd", "kubernetes", "docker")
+#: What each engine without --listen runs instead of a front end.
+_RUNS = {
+    "systemd": "the unit runs the dispatcher, which listens as "
+    "[server:dispatcher] says",
+    "kubernetes": "each pod serves [server:main] on base_port, behind a Service on "
+    "[server:dispatcher]'s port",
+    "docker": "the container runs the dispatcher, which listens as "
+    "[server:dispatcher] says",
+}
 
 
 class Server(NamedTuple):
@@ -445,6 +456,72 @@ def _nginx_forwarded(site: Site) -> tuple[list[str], list[str]]:
     return http, location
 
 
+def _nginx_cache_zone(site: Site) -> list[str]:
+    """The http-level lines of cache = memory: where nginx keeps its cache."""
+    settings = site.settings
+    if settings.cache == "off":
+        return []
+    lines = [
+        "    # cache = memory. nginx keeps the answers in files under cache/ (their",
+        "    # keys in a shared memory zone), at most cache_size in all. Unlike",
+        "    # the dispatcher, it has no cache_max_object: an answer of any size",
+        "    # is stored; and it stores nothing without an explicit freshness",
+        "    # (max-age, s-maxage, Expires), where the dispatcher also keeps",
+        "    # answers that only have a validator, to revalidate them each time.",
+        "    # nginx's worker user (nobody, when nginx starts as root) must be",
+        "    # able to write there.",
+        "    proxy_cache_path cache levels=1:2 keys_zone=pyramid_lb_cache:10m "
+        f"max_size={_size(settings.cache_size)} inactive=1d use_temp_path=off;",
+        "    # A client's no-cache or max-age=0: nginx would answer from its cache",
+        "    # anyway, so such a request is fetched (and its answer stored) again.",
+        "    map $http_cache_control$http_pragma $pyramid_lb_no_cache {",
+        '        "~*no-cache|max-age=0" 1;',
+        '        default "";',
+        "    }",
+        "",
+    ]
+    return lines
+
+
+def _nginx_cache(site: Site) -> list[str]:
+    """The location's lines of cache = memory."""
+    settings = site.settings
+    if settings.cache == "off":
+        return []
+    skip = ["$pyramid_lb_no_cache", "$http_authorization"]
+    if settings.sticky == "insert":  # a pinned request's answer is not shared
+        skip.append(_nginx_var("cookie", settings.affinity_cookie))
+    lines = [
+        "            proxy_cache pyramid_lb_cache;",
+        "            # The dispatcher's key: scheme, Host and request target.",
+        "            proxy_cache_key $scheme$http_host$request_uri;",
+        "            # Stale entries are revalidated (If-None-Match, If-Modified-",
+        "            # Since), and one request fills an entry while the others",
+        "            # wait for it.",
+        "            proxy_cache_revalidate on;",
+        "            proxy_cache_lock on;",
+        f"            proxy_cache_lock_timeout {_time(FILL_WAIT)};",
+        "            # nginx shares no answer with Set-Cookie, private, no-store,",
+        "            # no-cache or Vary: *; unlike the dispatcher, it would share one",
+        "            # to a request with Authorization, so those skip the cache (even",
+        "            # for public answers, which the dispatcher shares).",
+        f"            proxy_cache_bypass {' '.join(skip)};",
+        f"            proxy_no_cache {' '.join(skip[1:])};",
+        "            # HIT, MISS, EXPIRED, REVALIDATED, STALE, BYPASS...; nginx sends",
+        "            # no Age header.",
+        "            add_header X-Cache $upstream_cache_status always;",
+    ]
+    if settings.cache_stale_if_error:
+        lines += [
+            "            # cache_stale_if_error: unlike the dispatcher, nginx serves a",
+            "            # stale entry for as long as it keeps it (inactive), not only",
+            f"            # {settings.cache_stale_if_error:g} s past its freshness.",
+            "            proxy_cache_use_stale error timeout http_500 http_502 "
+            "http_503 http_504;",
+        ]
+    return lines
+
+
 def nginx(site: Site) -> str:
     """A complete nginx.conf for the site."""
     settings = site.settings
@@ -460,7 +537,7 @@ def nginx(site: Site) -> str:
         target = "$pyramid_lb_upstream"
         for index in range(len(site.servers)):
             pinned += _nginx_upstream(site, f"pyramid_lb_{index}", [], index)
-    lines += _nginx_limits(site)
+    lines += _nginx_limits(site) + _nginx_cache_zone(site)
     lines += _nginx_upstream(site, "pyramid_lb", method) + pinned
     lines += ["    server {"]
     lines += [f"        listen {host}:{port};" for host, port in site.binds]
@@ -479,6 +556,7 @@ def nginx(site: Site) -> str:
         f"            proxy_connect_timeout {_time(settings.connect_timeout)};",
         f"            proxy_read_timeout {_time(settings.read_timeout)};",
         f"            proxy_send_timeout {_time(settings.read_timeout)};",
+        *_nginx_cache(site),
     ]
     if settings.sticky == "insert":
         lines.append("            add_header Set-Cookie $pyramid_lb_set_cookie always;")
@@ -620,10 +698,55 @@ def _haproxy_queue(site: Site) -> list[str]:
     ]
 
 
+def _haproxy_cache(site: Site) -> tuple[list[str], list[str]]:
+    """The cache section of cache = memory, and the backend's lines using it."""
+    settings = site.settings
+    if settings.cache == "off":
+        return [], []
+    megabytes = min(4095, max(1, settings.cache_size >> 20))
+    # HAProxy refuses objects above half its cache.
+    largest = min(settings.cache_max_object, (megabytes << 20) // 2)
+    section = [
+        "# cache = memory. Unlike the dispatcher, HAProxy stores only 200s, and",
+        "# none with a Vary other than Accept-Encoding, Referer or Origin; it",
+        "# never revalidates (a stale entry is fetched whole again), has no",
+        "# request coalescing and no cache_stale_if_error; it does send Age.",
+        "cache pyramid_lb",
+        "    # cache_size, in megabytes (HAProxy's unit, 4095 at most)",
+        f"    total-max-size {megabytes}",
+        "    # cache_max_object, at most half the cache",
+        f"    max-object-size {largest}",
+        "    # HAProxy caps every answer's freshness at this (60 s by default);",
+        "    # the dispatcher has no cap: a day here.",
+        "    max-age 86400",
+        "    process-vary on",
+        "",
+    ]
+    store = "    http-response cache-store pyramid_lb"
+    backend = [
+        "    # The cache. A request with Authorization is never answered from",
+        "    # it (even for a public answer, which the dispatcher shares), and an",
+        "    # answer with Set-Cookie is never stored.",
+        "    http-request cache-use pyramid_lb",
+    ]
+    if settings.sticky == "insert":
+        cookie = _haproxy_word("affinity_cookie", settings.affinity_cookie)
+        backend += [
+            "    # A pinned request's answer is not shared (sticky = insert).",
+            f"    http-request set-var(txn.pyramid_lb_pinned) req.cook_cnt({cookie})",
+            f"{store} if !{{ res.hdr_cnt(set-cookie) gt 0 }} "
+            "!{ var(txn.pyramid_lb_pinned) -m int gt 0 }",
+        ]
+    else:
+        backend.append(f"{store} if !{{ res.hdr_cnt(set-cookie) gt 0 }}")
+    return section, backend
+
+
 def haproxy(site: Site) -> str:
     """A complete HAProxy configuration for the site."""
     settings = site.settings
     lines = _header(site, "haproxy", "haproxy.cfg", "haproxy -db -f haproxy.cfg")
+    cache, use_cache = _haproxy_cache(site)
     lines += [
         "global",
         "    # Logs to stdout; no chroot, pid file or socket: no files outside.",
@@ -639,6 +762,7 @@ def haproxy(site: Site) -> str:
         "    # as long as waitress keeps an idle client (channel_timeout)",
         "    timeout client 120s",
         "",
+        *cache,
         "frontend pyramid_lb",
         *(f"    bind {host.strip('[]')}:{port}" for host, port in site.binds),
         "    # The dispatcher's own pages: not exposed here.",
@@ -648,6 +772,11 @@ def haproxy(site: Site) -> str:
         "    http-request deny deny_status 413 if "
         f"{{ req.hdr_val(content-length) gt {settings.max_body_size} }}",
         *_haproxy_forwarded(site),
+        *(
+            ["    http-response set-header X-Cache %[res.cache_hit,iif(HIT,MISS)]"]
+            if use_cache
+            else []
+        ),
         "    default_backend pyramid_lb",
         "",
         "backend pyramid_lb",
@@ -711,6 +840,7 @@ def haproxy(site: Site) -> str:
         f"    timeout check {_time(settings.health_check_timeout)}",
         *_haproxy_queue(site),
         "    http-reuse safe",
+        *use_cache,
         *slow,
         f"    default-server {checks} pool-max-conn {settings.pool_size}",
     ]
@@ -866,18 +996,29 @@ def systemd(ini: str) -> str:
     return "\n".join(lines)
 
 
-def export(engine: str, ini: str, listen: str | None = None) -> str:
-    """The ``engine`` (nginx, haproxy or systemd) configuration for ``ini``."""
+def check_engine(engine: str, listen: str | None = None) -> None:
+    """StartupError unless ``engine`` is one, and takes ``listen`` if given."""
     if engine not in ENGINES:
         raise StartupError(
             f"{engine!r} is not an engine; expected {', '.join(ENGINES)}"
         )
+    if engine in _RUNS and listen is not None:
+        raise StartupError(f"--listen has no meaning for {engine}: {_RUNS[engine]}")
+
+
+def export(engine: str, ini: str, listen: str | None = None) -> str:
+    """The ``engine`` configuration for ``ini`` (for docker, its two files
+    one after the other: see :func:`pyramid_lb.export_docker.joined`)."""
+    check_engine(engine, listen)
     if engine == "systemd":
-        if listen is not None:
-            raise StartupError(
-                "--listen has no meaning for systemd: the unit runs the "
-                "dispatcher, which listens as [server:dispatcher] says"
-            )
         return systemd(ini)
+    if engine == "kubernetes":
+        from pyramid_lb.export_kubernetes import kubernetes
+
+        return kubernetes(ini)
+    if engine == "docker":
+        from pyramid_lb.export_docker import docker, joined
+
+        return joined(docker(ini))
     site = load(ini, listen)
     return nginx(site) if engine == "nginx" else haproxy(site)

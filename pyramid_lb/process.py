@@ -28,6 +28,9 @@ PARENT_ENV = "PYRAMID_LB_PARENT"
 #: Set for each spawned instance: the dispatcher's address, added to
 #: ``pyramid_lb.trusted_proxies`` so that it applies its forwarded headers.
 TRUSTED_PROXIES_ENV = "PYRAMID_LB_TRUSTED_PROXIES"
+#: Set for each spawned instance under ``pyramid-lb serve --reload``: the
+#: directory to list the files it imported in (``<id>.files``).
+MODULES_ENV = "PYRAMID_LB_MODULES_DIR"
 
 #: The exit status of an instance whose port was taken between the moment the
 #: supervisor found it free and its bind: no fault of the app's.

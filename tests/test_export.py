@@ -299,6 +299,88 @@ def test_settings_map_to_directives(tmp_path, settings, engine, expected):
     check_config(engine, config_file(tmp_path, engine))
 
 
+CACHE = "cache = memory\ncache_size = 32M\ncache_max_object = 2M"
+
+
+@pytest.mark.parametrize(
+    ("settings", "engine", "expected", "unexpected"),
+    [
+        pytest.param("", "nginx", [], ["proxy_cache", "X-Cache"], id="off nginx"),
+        pytest.param("", "haproxy", [], ["cache-", "X-Cache"], id="off haproxy"),
+        pytest.param(
+            CACHE,
+            "nginx",
+            [
+                "proxy_cache_path cache levels=1:2 keys_zone=pyramid_lb_cache:10m "
+                "max_size=32m",
+                "proxy_cache pyramid_lb_cache;",
+                "proxy_cache_key $scheme$http_host$request_uri;",
+                "proxy_cache_lock on;",
+                "proxy_cache_lock_timeout 5s;",
+                "proxy_cache_revalidate on;",
+                "proxy_cache_bypass $pyramid_lb_no_cache $http_authorization;",
+                "proxy_no_cache $http_authorization;",
+                "add_header X-Cache $upstream_cache_status always;",
+                "it has no cache_max_object",
+            ],
+            ["proxy_cache_use_stale", "$cookie_lb_affinity"],
+            id="memory nginx",
+        ),
+        pytest.param(
+            f"{CACHE}\ncache_stale_if_error = 30\n{STICKY}insert",
+            "nginx",
+            [
+                "proxy_cache_use_stale error timeout http_500 http_502 http_503 "
+                "http_504;",
+                "not only\n            # 30 s past its freshness",
+                "proxy_no_cache $http_authorization $cookie_lb_affinity;",
+            ],
+            [],
+            id="stale and insert nginx",
+        ),
+        pytest.param(
+            CACHE,
+            "haproxy",
+            [
+                "cache pyramid_lb\n",
+                "total-max-size 32\n",
+                "max-object-size 2097152\n",
+                "max-age 86400\n",
+                "process-vary on\n",
+                "http-request cache-use pyramid_lb\n",
+                "http-response cache-store pyramid_lb if "
+                "!{ res.hdr_cnt(set-cookie) gt 0 }\n",
+                "X-Cache %[res.cache_hit,iif(HIT,MISS)]",
+                "no cache_stale_if_error",
+            ],
+            ["pyramid_lb_pinned"],
+            id="memory haproxy",
+        ),
+        pytest.param(
+            f"cache = memory\ncache_size = 1M\n{STICKY}insert",
+            "haproxy",
+            [
+                "total-max-size 1\n",
+                "max-object-size 524288\n",  # HAProxy takes half the cache at most
+                "req.cook_cnt(lb_affinity)",
+                "!{ var(txn.pyramid_lb_pinned) -m int gt 0 }",
+            ],
+            [],
+            id="small and insert haproxy",
+        ),
+    ],
+)
+def test_the_cache_blocks_mirror_the_settings(
+    tmp_path, settings, engine, expected, unexpected
+):
+    text = export(tmp_path, engine, settings)
+    for line in expected:
+        assert line in text
+    for word in unexpected:
+        assert word not in text
+    check_config(engine, config_file(tmp_path, engine))
+
+
 @pytest.mark.parametrize("engine", ["nginx", "haproxy"])
 def test_a_hashed_key_stays_home_unless_bounded_loads_are_asked_for(tmp_path, engine):
     for balance, bounded in (("", False), ("hash_balance = 2\n", True)):
@@ -660,7 +742,7 @@ def answers(url):
         return False
 
 
-def front(processes, ini, engine, directory):
+def front(processes, ini, engine, directory, nginx_globals="daemon off;"):
     """``engine`` running the export of ``ini``, from ``directory``, on a
     free port, answering: its URL and process."""
     port = free_port()
@@ -671,7 +753,7 @@ def front(processes, ini, engine, directory):
     assert cli.main([*argv, "-o", str(config)]) == 0
     if engine == "nginx":
         argv = [NGINX, "-p", directory, "-c", config, "-e", "stderr"]
-        argv += ["-g", "daemon off;"]
+        argv += ["-g", nginx_globals]
     else:
         argv = [HAPROXY, "-db", "-f", config]
     proxy = processes.start(argv, name=engine)
@@ -749,6 +831,35 @@ def test_a_client_with_the_affinity_cookie_stays_on_its_instance(site):
         # The app pinned the client once its session held data.
         assert session.cookies["lb_affinity"] == sign(first, SECRET)
         assert set(site.whoami(session, count=50)) == {first}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_exported_cache_computes_a_shared_answer_once(processes, tmp_path, engine):
+    ini = write_ini(tmp_path, instances=2, dispatcher_extra="cache = memory")
+    base = int(re.search(r"base_port = (\d+)", ini.read_text())[1])
+    ports = [base, base + 1]
+    processes.start(
+        [BIN / "pyramid-lb", "serve", ini, "--no-dispatcher"], name="instances"
+    )
+    for port in ports:
+        wait_until(lambda p=port: answers(f"http://127.0.0.1:{p}/readyz"), 30)
+    # nginx's workers (nobody, under root) cannot reach into pytest's
+    # private tmp_path, where they would write the cache's files.
+    url, _ = front(processes, ini, engine, tmp_path / engine, "daemon off; user root;")
+    got = [requests.get(url + "/cached?max_age=30", timeout=10) for _ in range(10)]
+    assert [r.headers.get("X-Cache") for r in got] == ["MISS"] + ["HIT"] * 9
+    assert len({r.content for r in got}) == 1
+    before = [
+        requests.get(f"http://127.0.0.1:{p}/cached?max_age=30", timeout=10).json()[
+            "computed"
+        ]
+        - 1
+        for p in ports
+    ]
+    assert sum(before) == 1
+    # An answer setting a cookie (the demo's session) is not shared.
+    seen = [requests.get(url + "/whoami", timeout=10) for _ in range(2)]
+    assert "HIT" not in [r.headers.get("X-Cache") for r in seen]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

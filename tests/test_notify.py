@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+import requests
 
 from pyramid_lb import notify
 from pyramid_lb.notify import Notifier
@@ -203,10 +204,21 @@ def test_serve_tells_ready_reloading_and_stopping(processes, tmp_path, receiver,
         process.signal(signal.SIGHUP)
         reloading = manager.wait_for("RELOADING=1", after=ready + 1)
         again = manager.wait_for("READY=1", after=reloading + 1, timeout=30)
-        assert "SIGHUP: rolling restart" in manager.received[reloading][1]
-        assert "rolling restart done" in manager.received[again][1]
+        assert "rolling restart (SIGHUP) started" in manager.received[reloading][1]
+        assert "rolling restart (SIGHUP) done" in manager.received[again][1]
         status = "\n".join(manager.received[again][0])
         assert re.search(r"STATUS=rolling restart done; \d/\d instances", status)
+
+        if not args:
+            # Asked at /_lb/reload (or `pyramid-lb reload`): said alike.
+            response = requests.post(
+                url + "/_lb/reload", headers={"X-Requested-With": "test"}, timeout=10
+            )
+            assert response.status_code == 202
+            reloading = manager.wait_for("RELOADING=1", after=again + 1)
+            again = manager.wait_for("READY=1", after=reloading + 1, timeout=30)
+            said = manager.received[reloading][1]
+            assert "rolling restart (POST /_lb/reload) started" in said
 
         process.signal(signal.SIGTERM)
         stopping = manager.wait_for("STOPPING=1", after=again + 1)

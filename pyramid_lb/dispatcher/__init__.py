@@ -10,6 +10,7 @@ import threading
 
 from pyramid_lb.dispatcher.admin import PREFIX, Admin
 from pyramid_lb.dispatcher.balancer import make_strategy
+from pyramid_lb.dispatcher.cache import Cache
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
 from pyramid_lb.dispatcher.config import (
@@ -97,6 +98,7 @@ class Dispatcher:
             retry_after=retry_after(config),
             sticky=sticky,
             trusted=trusted,
+            cache=self._cache(),
         )
         self.checker = HealthChecker(
             self.cluster,
@@ -116,8 +118,7 @@ class Dispatcher:
         self.failure_is_raised = False
         #: The address it serves on, for the log (set by whoever serves it).
         self.url: str | None = None
-        #: Tells systemd how it goes (set by whoever serves it; silent here).
-        self.notifier = Notifier()
+        self._notifier = Notifier()
         self._ready: int | None = None  # instances taking requests, as last told
         self._ever_ready = False
         self._ready_lock = threading.Lock()
@@ -158,6 +159,26 @@ class Dispatcher:
         }
         self._stopped = False
 
+    @property
+    def notifier(self) -> Notifier:
+        """Tells systemd how it goes (set by whoever serves it; silent here)."""
+        return self._notifier
+
+    @notifier.setter
+    def notifier(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+        if self.supervisor is not None:
+            self.supervisor.notifier = notifier
+
+    def _cache(self) -> Cache | None:
+        """The shared cache, with ``cache = memory``."""
+        config = self.config
+        if config.cache == "off":
+            return None
+        return Cache(
+            config.cache_size, config.cache_max_object, config.cache_stale_if_error
+        )
+
     def _threads_needed(self, ini: str | None) -> int:
         """Worker threads for the dispatcher's server: one per request the
         instances may have in flight plus one per place in the queue (a
@@ -176,6 +197,12 @@ class Dispatcher:
 
     def start(self) -> None:
         """Spawn the instances and start checking them."""
+        if self.proxy.cache is not None and self.config.sticky == "insert":
+            log.warning(
+                "cache = memory stores nothing with sticky = insert: every answer "
+                "from an instance then either pins its client (Set-Cookie) or "
+                "answers a pinned one; sticky = cookie leaves pinning to the app"
+            )
         if self.supervisor is not None:
             self.supervisor.start()
         self.checker.start()
@@ -256,19 +283,14 @@ class Dispatcher:
         stop_on_signals(log, quiet=lambda: self.failure is not None)
 
         def rolling_restart():  # in a thread of its own
-            log.info("SIGHUP: rolling restart")
-            # RELOADING=1 then READY=1 even when refused: under systemd's
-            # Type=notify-reload, `systemctl reload` waits for both.
-            self.notifier.reloading()
-            outcome = "stopped (the old instances serve)"
-            try:
-                if self.supervisor.rolling_restart():
-                    outcome = "done"
+            try:  # logged as "rolling restart (SIGHUP) started"
+                self.supervisor.rolling_restart(why="SIGHUP")
             except Busy as exc:
                 log.warning("SIGHUP: no rolling restart: %s", exc)
-                outcome = "refused (another operation is under way)"
-            finally:
-                self.notifier.reloaded(outcome)
+                # RELOADING=1 then READY=1 even when refused: under systemd's
+                # Type=notify-reload, `systemctl reload` waits for both.
+                self.notifier.reloading()
+                self.notifier.reloaded("refused (another operation is under way)")
 
         signal.signal(
             signal.SIGHUP, lambda signum, frame: outside_the_handler(rolling_restart)

@@ -187,6 +187,8 @@ class Admin:
             return self.reload
         if path == "/scale":
             return lambda start: self.scale(start, params.get("instances", ""))
+        if path == "/cache/purge":
+            return lambda start: self.purge(start, params.get("path"))
         parts = path.strip("/").split("/")
         if len(parts) == 3 and parts[0] == "instances":
             return lambda start: self.instance_action(start, parts[1], parts[2])
@@ -290,6 +292,8 @@ class Admin:
                 ],
             },
             "recycled": dict(recycled),
+            # None with cache = off
+            "cache": proxy.cache.stats() if proxy.cache is not None else None,
             "instances": instances,
         }
 
@@ -321,7 +325,7 @@ class Admin:
                 start_response, "409 Conflict", "this dispatcher spawns no instances"
             )
         try:
-            supervisor.rolling_restart(background=True)
+            supervisor.rolling_restart(background=True, why="POST /_lb/reload")
         except Busy as exc:
             return _busy(start_response, exc)
         return _json(start_response, "202 Accepted", {"rolling_restart": "started"})
@@ -347,6 +351,23 @@ class Admin:
         return _json(
             start_response, "200 OK", {"instances": int(count), "change": change}
         )
+
+    def purge(self, start_response, path: str | None):
+        """Drop every entry of the cache, or those of one request path."""
+        cache = self.dispatcher.proxy.cache
+        if cache is None:
+            return _problem(
+                start_response, "409 Conflict", "there is no cache (cache = off)"
+            )
+        if path is not None and not path.startswith("/"):
+            return _problem(
+                start_response,
+                "400 Bad Request",
+                f"path = {path!r}: expected a request path such as /news",
+            )
+        purged = cache.purge(path)
+        log.info("cache purged of %d entries (%s, admin)", purged, path or "all")
+        return _json(start_response, "200 OK", {"purged": purged, "path": path})
 
     def instance_action(self, start_response, name: str, action: str):
         cluster = self.dispatcher.cluster
@@ -463,6 +484,35 @@ class Metrics:
         yield from (requests, latency, in_flight, up, retries, ejections, restarted)
         yield from (cap, share, *self._queue(CounterMetricFamily, GaugeMetricFamily))
         yield from self._queue_wait(HistogramMetricFamily)
+        yield from self._cache(CounterMetricFamily, GaugeMetricFamily)
+
+    def _cache(self, counter, gauge):
+        cache = self.dispatcher.proxy.cache
+        if cache is None:
+            return
+        stats = cache.stats()
+        answers = counter(
+            "pyramid_lb_cache_answers",
+            "GET and HEAD answers by what the cache did (X-Cache)",
+            labels=["result"],
+        )
+        for result, key in (
+            ("hit", "hits"),
+            ("miss", "misses"),
+            ("stale", "stale"),
+            ("revalidated", "revalidated"),
+        ):
+            answers.add_metric([result], stats[key])
+        yield answers
+        yield counter(
+            "pyramid_lb_cache_evictions",
+            "Entries dropped to make room (cache_size)",
+            stats["evicted"],
+        )
+        yield gauge("pyramid_lb_cache_bytes", "Bytes the cache holds", stats["bytes"])
+        yield gauge(
+            "pyramid_lb_cache_entries", "Answers the cache holds", stats["entries"]
+        )
 
     def _queue(self, counter, gauge):
         queue = self.dispatcher.cluster.queue

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from pyramid_lb.dispatcher.balancer import STRATEGIES, key_function
+from pyramid_lb.dispatcher.cache import FILL_WAIT
 from pyramid_lb.dispatcher.cluster import MAX_EJECT_TIME, parse_backend_url
 from pyramid_lb.dispatcher.proxy import RETRY_FLOOR, RETRY_WINDOW
 from pyramid_lb.forwarded import FORWARDED_SETTINGS, check_forwarded
@@ -59,6 +60,14 @@ def memory_limit(value: Any) -> int | None:
     limit = _memory(value)
     if limit == 0:
         raise ValueError("expected off or a size above 0, e.g. 512M")
+    return limit
+
+
+def cache_size(value: Any) -> int:
+    """A size above 0."""
+    limit = size(value)
+    if limit == 0:
+        raise ValueError("expected a size above 0, e.g. 64M")
     return limit
 
 
@@ -388,6 +397,40 @@ DISPATCHER_SETTINGS = (
         "names another host is refused, so that no page can act through DNS "
         "rebinding.",
     ),
+    Setting(
+        "cache",
+        one_of("off", "memory"),
+        "off",
+        "The shared HTTP cache: `memory` keeps, in the dispatcher, the answers "
+        "to GET that say they may be shared (RFC 9111: `s-maxage`, `max-age` or "
+        "`Expires`, else a validator to revalidate with; never `no-store`, "
+        "`private`, a `Set-Cookie`), answers GET and HEAD from them with "
+        "`X-Cache` and `Age`, and has requests for an entry being filled wait "
+        f"for it (at most {FILL_WAIT:g} s); `off`: none.",
+    ),
+    Setting(
+        "cache_size",
+        cache_size,
+        "64M",
+        "Memory the cache's entries may take (bodies, headers and bookkeeping); "
+        "the least recently used go first.",
+    ),
+    Setting(
+        "cache_max_object",
+        cache_size,
+        "1M",
+        "Largest answer stored; a larger one streams through, unstored and "
+        "never held whole.",
+    ),
+    Setting(
+        "cache_stale_if_error",
+        seconds(),
+        "0",
+        "How long past its freshness a stored answer may still be served when "
+        "no instance answers (or answers 500, 502, 503 or 504), unless it says "
+        "`must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache` "
+        "(0: never).",
+    ),
 )
 
 #: The parsed settings: one field per key of the table above.
@@ -412,5 +455,11 @@ def parse_dispatcher(raw: Mapping[str, Any]) -> DispatcherConfig:
         raise SettingsError(
             f"sticky = {values['sticky']!r} needs affinity_secret (the secret "
             "that signs the affinity cookie)"
+        )
+    if values["cache_max_object"] > values["cache_size"]:
+        raise SettingsError(
+            f"cache_max_object = {values['cache_max_object']} is larger than "
+            f"cache_size = {values['cache_size']}: no answer that large could "
+            "be stored"
         )
     return DispatcherConfig(**values)

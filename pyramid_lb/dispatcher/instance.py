@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ from pyramid.paster import setup_logging
 from pyramid_lb import server as front
 from pyramid_lb.health import IHealth
 from pyramid_lb.process import (
+    INSTANCE_ENV,
+    MODULES_ENV,
     PARENT_ENV,
     TRUSTED_PROXIES_ENV,
     StartupError,
@@ -155,12 +158,24 @@ def serve(
     """Load ``[app:APP]`` of ``ini`` and serve it on ``port``, until a signal."""
     variables = {"http_port": str(port)}
     server = load(ini, f"server:{server_name}", variables)
-    app_context = load(ini, f"app:{app_name}", variables)
     setup_logging(os.path.abspath(ini), variables)
     try:
-        app = app_context.create()
+        app = load(ini, f"app:{app_name}", variables).create()
+    except StartupError as exc:  # no such section, say
+        _tell_imported(exc)
+        raise
     except (SettingsError, ConfigurationError) as exc:
+        _tell_imported(exc)
         raise StartupError(str(exc)) from None
+    except Exception as exc:
+        # The traceback for the reader, its last line (the error) replaced
+        # by one with the place too, which the supervisor quotes as the
+        # reason a rollout stopped (see Supervisor._exit_reason).
+        _tell_imported(exc)
+        lines = "".join(traceback.format_exception(exc)).rstrip("\n").split("\n")
+        print("\n".join(lines[:-1]), file=sys.stderr)
+        raise StartupError(f"[app:{app_name}] did not load: {one_line(exc)}") from None
+    _tell_imported()
     stop_at_once(app)
     if not is_waitress(server):
         log.warning(
@@ -180,6 +195,25 @@ def serve(
     # Until SIGTERM: what is in flight (answers being sent included) is then
     # finished, within the supervisor's stop_timeout.
     front.run(wsgi_server, grace)
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` in one line, with where it was raised."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f"{exc.filename}, line {exc.lineno}"
+        return f"{type(exc).__name__}: {exc.msg} ({where})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}{': ' + text[0] if text else ''}{where}"
+
+
+def _tell_imported(failure: BaseException | None = None) -> None:
+    """Under ``pyramid-lb serve --reload``: say which files to watch."""
+    if os.environ.get(MODULES_ENV):
+        from pyramid_lb.dispatcher.reloader import write_module_list
+
+        write_module_list(os.environ.get(INSTANCE_ENV, str(os.getpid())), failure)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,8 +269,12 @@ class Proxy:
         retry_after: int = 1,
         sticky=None,
         trusted=None,
+        cache=None,
     ):
         self.cluster = cluster
+        #: A :class:`~pyramid_lb.dispatcher.cache.Cache` (``cache = memory``),
+        #: or None.
+        self.cache = cache
         #: A :class:`~pyramid_lb.forwarded.ProxyHeaders` for the peers whose
         #: forwarded headers are believed; None: nobody's.
         self.trusted = trusted
@@ -411,6 +415,9 @@ class Task:
         refusal = self.admit()
         if refusal is not None:
             return self.refuse(*refusal)
+        cache = self.proxy.cache
+        if cache is not None:
+            return cache.serve(self)
         return self.forward()
 
     def admit(self) -> tuple[int, str] | None:

@@ -12,6 +12,7 @@ from pyramid.paster import setup_logging
 
 from pyramid_lb import server as front
 from pyramid_lb.dispatcher import make_dispatcher
+from pyramid_lb.dispatcher.reloader import Reloader
 from pyramid_lb.notify import Notifier
 from pyramid_lb.process import (
     StartupError,
@@ -31,6 +32,7 @@ def serve(
     instances: int | None = None,
     port: int | None = None,
     dispatch: bool = True,
+    reload: bool = False,
 ) -> None:
     """Run ``[app:dispatcher]`` of ``ini`` under ``[server:dispatcher]``.
 
@@ -40,6 +42,8 @@ def serve(
 
     Under systemd (``$NOTIFY_SOCKET``), it says READY=1 once an instance
     takes requests and it serves, and more: see :mod:`pyramid_lb.notify`.
+    With ``reload``, a change to the app's files is a rolling restart (see
+    :mod:`pyramid_lb.dispatcher.reloader`).
     """
     notifier = Notifier.from_environ()  # before any instance inherits it
     app = load(ini, "app:dispatcher")
@@ -50,9 +54,16 @@ def serve(
     except SettingsError as exc:
         raise StartupError(str(exc)) from None
     dispatcher.notifier = notifier
-    server = grace = None
-    if dispatcher.supervisor is not None:
-        dispatcher.supervisor.fixed_ports = not dispatch
+    server = grace = watcher = None
+    supervisor = dispatcher.supervisor
+    if supervisor is not None:
+        supervisor.fixed_ports = not dispatch
+    if reload:
+        if supervisor is None:
+            raise StartupError(
+                f"{ini}: --reload replaces the instances the dispatcher spawns, "
+                "and [app:dispatcher] spawns none (it has only backends)"
+            )
     if dispatch:
         context = load(ini, "server:dispatcher")
         if not is_waitress(context):
@@ -75,10 +86,17 @@ def serve(
         dispatcher.install_signal_handlers() or stop_on_signals(log)
         if notifier.enabled:
             _notify_stopping(notifier)
+        if reload:
+            watcher = Reloader(
+                [os.path.abspath(ini), *supervisor.plan], _reloading(ini, supervisor)
+            )
+            supervisor.modules_dir = watcher.modules_dir
         try:
             dispatcher.start()
         except RuntimeError as exc:  # no free port left for an instance
             raise StartupError(str(exc)) from None
+        if watcher is not None:
+            watcher.start()
         if server is None:
             log.info("supervising the instances, without a dispatcher")
             notifier.serving()
@@ -93,10 +111,44 @@ def serve(
     except (KeyboardInterrupt, SystemExit):
         pass  # a signal (a second one, or without a server): stop now
     finally:
+        if watcher is not None:
+            watcher.stop()
         dispatcher.stop()
     if dispatcher.failure is not None:
         notifier.failed(dispatcher.failure)
         raise StartupError(dispatcher.failure)
+
+
+def _own_sections(ini: str) -> dict[str, dict[str, str]]:
+    """The dispatcher's sections of ``ini`` as written (empty if unreadable)."""
+    parser = configparser.RawConfigParser(strict=False)
+    try:
+        parser.read(ini)
+    except configparser.Error:
+        return {}
+    names = ("app:dispatcher", "server:dispatcher")
+    return {n: dict(parser.items(n)) for n in names if parser.has_section(n)}
+
+
+def _reloading(ini: str, supervisor):
+    """``--reload``'s rolling restart, saying when the dispatcher's own
+    sections changed too: those take effect only when it starts again."""
+    as_started = _own_sections(ini)
+
+    def rolling_restart(why: str) -> None:
+        nonlocal as_started
+        now = _own_sections(ini)
+        if now and now != as_started:
+            log.warning(
+                "%s: [app:dispatcher] or [server:dispatcher] changed; the "
+                "dispatcher's own settings change when pyramid-lb serve starts "
+                "again (the instances are replaced now)",
+                ini,
+            )
+            as_started = now
+        supervisor.rolling_restart(why=why)
+
+    return rolling_restart
 
 
 def _notify_stopping(notifier: Notifier) -> None:

@@ -39,8 +39,10 @@ from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import DOWN, FAILED, STARTING, UP, Backend, Cluster
 from pyramid_lb.dispatcher.config import AUTO
 from pyramid_lb.dispatcher.operations import Busy, Operations
+from pyramid_lb.notify import Notifier
 from pyramid_lb.process import (
     INSTANCE_ENV,
+    MODULES_ENV,
     PARENT_ENV,
     PORT_IN_USE,
     TRUSTED_PROXIES_ENV,
@@ -48,6 +50,9 @@ from pyramid_lb.process import (
 )
 
 log = logging.getLogger("pyramid_lb.dispatcher")
+
+#: What each instance runs (``python -m``), and the name its errors begin with.
+INSTANCE_PROG = "pyramid_lb.dispatcher.instance"
 
 #: Lines of an instance's output kept to explain why it failed.
 KEPT_LINES = 20
@@ -157,6 +162,10 @@ class Supervisor:
         self.recycled: collections.Counter[str] = collections.Counter()
         self._next_recycle = 0.0  # monotonic: not before (RECYCLE_GAP)
         self._out = out or sys.stderr
+        #: Told of rolling restarts (systemd's RELOADING=1), silent by default.
+        self.notifier = Notifier()
+        #: Where instances list the files they imported (``--reload``), or None.
+        self.modules_dir: str | None = None
         #: The instances running or being started, in the order they came.
         self.spawned: list[Instance] = []
         self._lock = threading.RLock()
@@ -298,10 +307,12 @@ class Supervisor:
             PARENT_ENV: str(os.getpid()),
             "PYTHONUNBUFFERED": "1",
         }
+        if self.modules_dir:
+            env[MODULES_ENV] = self.modules_dir
         argv = [
             sys.executable,
             "-m",
-            "pyramid_lb.dispatcher.instance",
+            INSTANCE_PROG,
             instance.ini,
             str(instance.port),
         ]
@@ -443,13 +454,20 @@ class Supervisor:
         self._spawn(instance)
         return True
 
-    def _exit_reason(self, instance: Instance) -> str:
+    def _exit_reason(self, instance: Instance, quote: bool = False) -> str:
+        """Why ``instance`` exited; with ``quote``, in its own words too, when
+        it said why in its last line (that the app did not load, say): for
+        a rollout's one line, which comes after the instance's output."""
         code = instance.process.returncode
         if code == PORT_IN_USE:
             return (
                 f"could not listen: port {instance.port} is in use by another "
                 "program (the front's configuration sends requests there)"
             )
+        said = instance.output[-1] if instance.output else ""
+        prefix = f"{INSTANCE_PROG}: error: "
+        if quote and said.startswith(prefix):
+            return f"exited with code {code}: {said[len(prefix) :]}"
         return f"exited with code {code}"
 
     def _crashed(self, instance: Instance, why: str) -> None:
@@ -657,7 +675,9 @@ class Supervisor:
 
     # -- rolling restart and scaling ------------------------------------------
 
-    def rolling_restart(self, background: bool = False) -> bool | None:
+    def rolling_restart(
+        self, background: bool = False, why: str | None = None
+    ) -> bool | None:
         """Replace every instance, one at a time; False if it had to stop.
 
         Each replacement must become ready before the instance it replaces
@@ -666,15 +686,27 @@ class Supervisor:
 
         Raises :class:`~pyramid_lb.dispatcher.operations.Busy` when another
         life-cycle operation is under way. With ``background`` it goes on in
-        a thread of its own once it is under way (and returns None).
-        """
-        return self.operations.run("rolling restart", self._roll, background)
+        a thread of its own once it is under way (and returns None). ``why``
+        is said in the log (``rolling restart (views.py changed)``).
 
-    def _roll(self) -> bool:
-        for old in list(self.spawned):
-            if old in self.spawned and not self._replace(old, "rolling restart"):
-                return False
-        return True
+        The notifier says RELOADING=1 as it starts and READY=1 when it ends.
+        """
+        what = f"rolling restart ({why})" if why else "rolling restart"
+        return self.operations.run(what, lambda: self._roll(what), background)
+
+    def _roll(self, what: str) -> bool:
+        self.notifier.reloading()
+        finished = False
+        try:
+            for old in list(self.spawned):
+                if old in self.spawned and not self._replace(old, what):
+                    return False
+            finished = True
+            return True
+        finally:
+            self.notifier.reloaded(
+                "done" if finished else "stopped (the old instances serve)"
+            )
 
     def restart(self, instance_id: str, background: bool = False) -> bool | None:
         """Replace one instance the way a rolling restart does (and raise
@@ -729,7 +761,7 @@ class Supervisor:
         deadline = instance.started_at + self.startup_timeout
         while instance.backend.state != UP:
             if instance.process.poll() is not None and not self._moved(instance):
-                return self._exit_reason(instance)
+                return self._exit_reason(instance, quote=True)
             if time.monotonic() > deadline:
                 return (
                     f"was not ready after {self.startup_timeout:g}s "

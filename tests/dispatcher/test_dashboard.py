@@ -300,3 +300,22 @@ def test_the_page_is_refused_outside_the_allow_list(processes, page, tmp_path):
     response = page.goto(url + "/_lb/")
     assert response.status == 403
     assert response.json() == {"error": "not an allowed client"}
+
+
+def test_the_cache_card_shows_the_share_answered_from_the_cache(
+    processes, page, tmp_path
+):
+    ini = write_ini(tmp_path, instances=1, dispatcher_extra="cache = memory")
+    _, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 1), timeout=20)
+    page.goto(url + "/_lb/")
+    card = page.locator("#t-cache")
+    expect(card).to_be_visible()
+    expect(card).to_have_text("–")
+    for _ in range(4):
+        requests.get(url + "/cached?max_age=30", timeout=10).raise_for_status()
+    expect(card).to_have_text("75 %")
+    expect(card).to_have_attribute(
+        "title", re.compile(r"^3 hits, 1 misses, 0 revalidated, 0 stale, 0 evicted; ")
+    )
+    expect(card).to_have_attribute("title", re.compile(r"1 entries, [\d.]+ KiB of 64"))

@@ -229,7 +229,8 @@ def test_reload_and_scale_at_once_are_one_after_the_other(processes, tmp_path):
     scale = subprocess_run([BIN / "pyramid-lb", "scale", url, "2"])
     assert scale.returncode == 1
     assert scale.stderr.startswith(
-        f"pyramid-lb: error: {url} is busy: rolling restart is under way (started "
+        f"pyramid-lb: error: {url} is busy: rolling restart (POST /_lb/reload) is "
+        "under way (started "
     )
     assert scale.stderr.count("\n") == 1
     drain = requests.post(
@@ -238,14 +239,14 @@ def test_reload_and_scale_at_once_are_one_after_the_other(processes, tmp_path):
         timeout=10,
     )
     assert drain.status_code == 409
-    assert drain.json()["running"] == "rolling restart"
+    assert drain.json()["running"] == "rolling restart (POST /_lb/reload)"
     process.signal(signal.SIGHUP)  # SIGHUP's rolling restart waits its turn too
     process.wait_for_output(
         r"WARNING \[pyramid_lb.dispatcher\] SIGHUP: no rolling restart: rolling "
-        r"restart is under way"
+        r"restart \(POST /_lb/reload\) is under way"
     )
     assert stats(url)  # the stats are read as ever meanwhile
-    process.wait_for_output("rolling restart done", timeout=60)
+    process.wait_for_output(r"rolling restart (\([^)]*\) )?done", timeout=60)
     assert all_up(url, 3)
     scale = subprocess_run([BIN / "pyramid-lb", "scale", url, "2"])
     assert scale.returncode == 0, scale.stderr
@@ -253,7 +254,7 @@ def test_reload_and_scale_at_once_are_one_after_the_other(processes, tmp_path):
     process.wait_for_output(r"scale to 2 done in [\d.]+s", timeout=30)
     assert all_up(url, 2)
     output = process.output()
-    assert "rolling restart started" in output
+    assert "rolling restart (POST /_lb/reload) started" in output
     assert "scale to 2 started" in output
     assert "Traceback" not in output and "not in list" not in output
 
@@ -269,7 +270,7 @@ def test_ports_in_use_readiness_and_ctrl_c_are_told_once(processes, tmp_path):
         process, url = serve(processes, ini)
         process.wait_for_output(r"2/2 instances ready", timeout=20)
         process.signal(signal.SIGHUP)
-        process.wait_for_output("rolling restart done", timeout=30)
+        process.wait_for_output(r"rolling restart (\([^)]*\) )?done", timeout=30)
     process.signal(signal.SIGINT)
     assert process.wait(15) == 0
     output = process.output()
@@ -299,7 +300,7 @@ def test_rolling_restart_under_load_replaces_every_pid(processes, tmp_path):
     with Load(url, path="/slow?ms=20") as load:
         wait_until(lambda: len(load.results) >= 10)
         process.signal(signal.SIGHUP)
-        process.wait_for_output("rolling restart done", timeout=60)
+        process.wait_for_output(r"rolling restart (\([^)]*\) )?done", timeout=60)
         served = len(load.results)
         wait_until(lambda: len(load.results) >= served + 10)
     after = stats(url)
@@ -326,7 +327,7 @@ def test_rolling_restart_with_a_broken_replacement_keeps_the_old(processes, tmp_
             url + "/_lb/reload", headers={"X-Requested-With": "test"}, timeout=10
         )
         assert reply.status_code == 202
-        process.wait_for_output("rolling restart stopped", timeout=30)
+        process.wait_for_output(r"rolling restart (\([^)]*\) )?stopped", timeout=30)
     assert {i["pid"] for i in stats(url)} == before
     assert load.failures() == []
     assert len(stats(url)) == 3
@@ -403,7 +404,7 @@ def test_reload_command(processes, tmp_path):
     before = stats(url)[0]["pid"]
     reload = subprocess_run([BIN / "pyramid-lb", "reload", url])
     assert reload.returncode == 0, reload.stderr
-    process.wait_for_output("rolling restart done", timeout=30)
+    process.wait_for_output(r"rolling restart (\([^)]*\) )?done", timeout=30)
     assert stats(url)[0]["pid"] != before
 
 
@@ -586,7 +587,7 @@ def test_a_download_in_flight_survives_its_instance_being_replaced(processes, tm
     assert slow_download(port, "/big?mb=20", 20 << 20, reload) == 20 << 20
     wait_until(lambda: [i["id"] for i in stats(url)] not in ([], [old["id"]]), 20)
     wait_until(lambda: not alive(old["pid"]), 20)
-    process.wait_for_output("rolling restart done")
+    process.wait_for_output(r"rolling restart (\([^)]*\) )?done")
 
 
 def test_an_instance_whose_port_is_taken_meanwhile_moves_on(processes, tmp_path):
@@ -830,7 +831,7 @@ def test_without_a_dispatcher_a_rolling_restart_keeps_ports_and_ids(
     wait_until(lambda: all(answers(url) for url in urls), 20)
     before = [requests.get(url, timeout=5).json() for url in urls]
     process.signal(signal.SIGHUP)
-    process.wait_for_output("rolling restart done", 30)
+    process.wait_for_output(r"rolling restart (\([^)]*\) )?done", 30)
     wait_until(lambda: all(answers(url) for url in urls), 20)
     after = [requests.get(url, timeout=5).json() for url in urls]
     assert [w["instance"] for w in after] == [w["instance"] for w in before]
