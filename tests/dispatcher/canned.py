@@ -26,6 +26,7 @@ request, as an instance's keep-alive timeout would.
 from __future__ import annotations
 
 import hashlib
+import io
 import socket
 import struct
 import threading
@@ -288,3 +289,35 @@ class Canned:
 def _linger_zero(sock: socket.socket) -> None:
     """Make the next close send a reset rather than an orderly FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def call(app, method="GET", path="/", **environ):
+    """Run a WSGI app in process, as a server would (its body closed at the
+    end): (status, headers as a dict, body). A key of ``environ`` given as
+    None is left out."""
+    env = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "example.org",
+        "SERVER_PORT": "8080",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "example.org:8080",
+        "REMOTE_ADDR": "192.0.2.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        **environ,
+    }
+    env = {key: value for key, value in env.items() if value is not None}
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = status, dict(headers)
+
+    body = app(env, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        getattr(body, "close", lambda: None)()
+    return seen["status"], seen["headers"], data

@@ -32,7 +32,7 @@ from pyramid_lb.dispatcher.cache import (
 from pyramid_lb.dispatcher.cluster import Backend, Cluster
 from pyramid_lb.dispatcher.proxy import Proxy
 from pyramid_lb.settings import SettingsError
-from tests.dispatcher.canned import CLOSE, Canned, Gate, in_turn
+from tests.dispatcher.canned import CLOSE, Canned, Gate, call, in_turn
 from tests.dispatcher.site import all_up, serve, write_ini
 from tests.processes import wait_until
 
@@ -811,37 +811,6 @@ CACHEABLE = (
     b"HTTP/1.1 200 OK\r\nCache-Control: public, max-age=60\r\n"
     b"Content-Length: 2\r\n\r\nok"
 )
-
-
-def call(app, method="GET", path="/", **environ):
-    """``app``'s answer to a request; a key of ``environ`` given as None is
-    left out."""
-    env = {
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": "",
-        "PATH_INFO": path,
-        "QUERY_STRING": "",
-        "SERVER_NAME": "example.org",
-        "SERVER_PORT": "8080",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "HTTP_HOST": "example.org:8080",
-        "REMOTE_ADDR": "192.0.2.1",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(b""),
-        **environ,
-    }
-    env = {key: value for key, value in env.items() if value is not None}
-    seen = {}
-
-    def start_response(status, headers, exc_info=None):
-        seen["status"], seen["headers"] = status, dict(headers)
-
-    body = app(env, start_response)
-    try:
-        data = b"".join(body)
-    finally:
-        getattr(body, "close", lambda: None)()
-    return seen["status"], seen["headers"], data
 
 
 def test_a_request_waits_for_a_fill_a_bounded_time_without_spinning():

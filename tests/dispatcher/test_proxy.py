@@ -21,7 +21,7 @@ from pyramid_lb.dispatcher.proxy import Proxy, RetryBudget, via_names
 from pyramid_lb.dispatcher.upstream import UpstreamError
 from pyramid_lb.forwarded import ProxyHeaders
 from tests.dispatcher import canned
-from tests.dispatcher.canned import Canned
+from tests.dispatcher.canned import Canned, call
 from tests.dispatcher.site import Load
 from tests.processes import ROOT, wait_until
 
@@ -467,32 +467,6 @@ def canned_proxy():
         pool.clear()
     for server in started:
         server.stop()
-
-
-def call(app, method="GET", path="/", **environ):
-    """Run a WSGI app on an environ of our own: (status, headers, body)."""
-    env = {
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": "",
-        "PATH_INFO": path,
-        "QUERY_STRING": "",
-        "SERVER_NAME": "example.org",
-        "SERVER_PORT": "8080",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "HTTP_HOST": "example.org:8080",
-        "REMOTE_ADDR": "192.0.2.1",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(b""),
-        **environ,
-    }
-    env = {key: value for key, value in env.items() if value is not None}
-    seen = {}
-
-    def start_response(status, headers, exc_info=None):
-        seen["status"], seen["headers"] = status, headers
-
-    body = b"".join(app(env, start_response))
-    return seen["status"], dict(seen["headers"]), body
 
 
 def test_uri_and_host_without_request_uri_or_host(canned_proxy):
