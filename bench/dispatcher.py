@@ -3,7 +3,8 @@
 Starts two demo instances (production.ini), the dispatcher in front of them
 (with the default caps, uncapped: ``max_in_flight = off``, and with the
 shared cache on: ``cache = memory``) and, when
-installed, nginx and the peer proxies in bench/peers/ (aiohttp, asgiproxy
+installed, nginx, HAProxy (with the same cap and queue, and without: what
+a cap costs it) and the peer proxies in bench/peers/ (aiohttp, asgiproxy
 on uvicorn, WSGIProxy2 under waitress: ``pip install -e '.[bench]'``) in
 front of the same two; then drives each with wrk (or,
 without wrk, a small threaded Python client) in interleaved rounds, every
@@ -82,6 +83,36 @@ http {{
         }}
     }}
 }}
+"""
+
+# The same cap as the dispatcher's default (the instances' 4 threads) with
+# HAProxy's queue, and none: what a cap costs where it is done in C.
+HAPROXY_CFG = """
+global
+    maxconn 4096
+    nbthread 1
+    pidfile {tmp}/haproxy.pid
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 10s
+    http-reuse always
+frontend capped
+    bind 127.0.0.1:{capped}
+    default_backend capped
+frontend uncapped
+    bind 127.0.0.1:{uncapped}
+    default_backend uncapped
+backend capped
+    balance roundrobin
+    server a 127.0.0.1:{a} maxconn 4
+    server b 127.0.0.1:{b} maxconn 4
+backend uncapped
+    balance roundrobin
+    server a 127.0.0.1:{a}
+    server b 127.0.0.1:{b}
 """
 
 DISPATCHER_INI = """
@@ -224,7 +255,7 @@ def report(
     """One table for a view: medians over the rounds, ratios paired by round."""
     print(f"\n{view} ({path})")
     print(
-        f"  {'target':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"  {'target':<13} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'x nginx':>8} {'CPU µs/req':>11}"
     )
     nginx = results.get("nginx")
@@ -236,7 +267,19 @@ def report(
         rate, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(3))
         ratio = f"{statistics.median(ratios[target]):.2f}" if ratios else "-"
         used = f"{statistics.median(cpu[target]):.0f}" if target in cpu else "-"
-        print(f"  {target:<11} {rate:8.0f} {p50:8.2f} {p99:8.2f} {ratio:>8} {used:>11}")
+        print(f"  {target:<13} {rate:8.0f} {p50:8.2f} {p99:8.2f} {ratio:>8} {used:>11}")
+    for capped, uncapped in (("dispatcher", "uncapped"), ("haproxy", "haproxy/nocap")):
+        if capped in results and uncapped in results:
+            paired = [
+                c[0] / u[0]
+                for c, u in zip(results[capped], results[uncapped], strict=True)
+            ]
+            print(
+                f"  the cap costs {capped}: {1 - statistics.median(paired):+.1%} "
+                f"of its uncapped req/s (rounds: "
+                + ", ".join(f"{1 - r:+.1%}" for r in paired)
+                + ")"
+            )
     for name in ("dispatcher", "cached"):
         if name in ratios:
             rounds = ", ".join(f"{r:.2f}" for r in ratios[name])
@@ -324,6 +367,20 @@ def main() -> int:
             targets["nginx"] = (port, proc.pid)
         else:
             print("nginx is not installed: no nginx figures, no ratio")
+        haproxy = shutil.which("haproxy") or (
+            "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+        )
+        if haproxy:
+            capped, uncapped = free_port(), free_port()
+            conf = tmp / "haproxy.cfg"
+            conf.write_text(
+                HAPROXY_CFG.format(tmp=tmp, a=a, b=b, capped=capped, uncapped=uncapped)
+            )
+            proc = start([haproxy, "-W", "-db", "-f", conf], "haproxy")
+            targets["haproxy"] = (capped, proc.pid)
+            targets["haproxy/nocap"] = (uncapped, proc.pid)
+        else:
+            print("haproxy is not installed: no figure for what a cap costs it")
         for name, (script, distributions, extra) in PEERS.items():
             if args.no_peers:
                 break

@@ -33,6 +33,9 @@ waitress with these changes, for ``[server:dispatcher]`` (and
 - An app's own endpoints (``app.admin_prefix``: the dispatcher's ``/_lb``)
   have :data:`ADMIN_THREADS` threads of their own, so they answer while
   every other thread waits on an instance (:class:`AdminRouter`).
+- An app with a ``park(resume)`` method may keep a request before any
+  thread has it, and give it one later (:class:`AdminRouter`): the
+  dispatcher's queue, where a waiting request costs no thread.
 
 These rely on waitress internals (``HTTPChannel.parser_class`` and
 ``task_class``, the server's ``channel_class``, the parser's attributes and
@@ -79,6 +82,8 @@ ADMIN_THREADS = 2
 #: A first piece of body up to this size goes out in one piece with the
 #: head (copying more would cost more than the ``send()`` it saves).
 MERGED_BODY = 64 * 1024
+#: The environ key with what ``app.park`` resumed a parked request with.
+PARKED = "pyramid_lb.parked"
 
 
 class StrictRequestParser(HTTPRequestParser):
@@ -154,6 +159,13 @@ class HeadWithBody:
 class StrictTask(HeadWithBody, WSGITask):
     """Waitress's task for a request, its answer's head sent with the body."""
 
+    def get_environment(self) -> dict:
+        environ = super().get_environment()
+        parked = getattr(self.request, "parked", None)
+        if parked is not None:
+            environ[PARKED] = parked
+        return environ
+
 
 class StrictErrorTask(HeadWithBody, ErrorTask):
     """Waitress's task for a refusal, its head sent with the body."""
@@ -207,26 +219,42 @@ def framing_problem(
 class AdminRouter:
     """The servers' task dispatcher: a connection whose next request is for
     the app's own endpoints (``prefix`` and under it) goes to threads of its
-    own, any other to waitress's.
+    own, any other to waitress's, unless the app parks it.
 
     Waitress hands over a connection whenever its next request is ready,
     so each request of a keep-alive connection is routed by its own path.
+    ``park(resume)``, the app's, returns whether it keeps the request for
+    now; it then calls ``resume(token)`` once, and the request goes to
+    waitress's threads with ``token`` in its environ (:data:`PARKED`).
     """
 
-    def __init__(self, main, admin, prefix: str | tuple[str, ...], url_prefix=""):
+    def __init__(
+        self, main, admin, prefix: str | tuple[str, ...], url_prefix="", park=None
+    ):
         self.main = main
         self.admin = admin
         self.prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
         self.url_prefix = url_prefix
+        self.park = park
 
     def add_task(self, channel) -> None:
         # Waitress calls this with the channel's requests_lock held.
         requests = getattr(channel, "requests", None)
-        path = getattr(requests[0], "path", None) if requests else None
+        request = requests[0] if requests else None
+        path = getattr(request, "path", None)
         if isinstance(path, str):
             path_info = _path_info(path, self.url_prefix)
             if any(is_under(path_info, prefix) for prefix in self.prefixes):
                 self.admin.add_task(channel)
+                return
+        park = self.park
+        if park is not None and request is not None and not request.error:
+
+            def resume(token, main=self.main):
+                request.parked = token
+                main.add_task(channel)
+
+            if park(resume):
                 return
         self.main.add_task(channel)
 
@@ -295,6 +323,7 @@ def create_server(app, options: dict[str, Any], own_paths: tuple[str, ...] = ())
     """
     prefix = _admin_prefix(app)
     prefixes = ((prefix,) if prefix is not None else ()) + tuple(own_paths)
+    park = getattr(app, "park", None)
     defaults = getattr(app, "server_defaults", None)
     if defaults is not None and options.get("trusted_proxy"):
         raise ValueError(
@@ -306,11 +335,11 @@ def create_server(app, options: dict[str, Any], own_paths: tuple[str, ...] = ())
     server = waitress.create_server(app, **merged)
     for listener in _listeners(server):
         listener.channel_class = StrictChannel
-    if prefixes:
+    if prefixes or park is not None:
         admin = ThreadedTaskDispatcher()
-        admin.set_thread_count(ADMIN_THREADS)
+        admin.set_thread_count(ADMIN_THREADS if prefixes else 0)
         router = AdminRouter(
-            server.task_dispatcher, admin, prefixes, server.adj.url_prefix
+            server.task_dispatcher, admin, prefixes, server.adj.url_prefix, park
         )
         server.task_dispatcher = router
         for listener in _listeners(server):

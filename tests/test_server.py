@@ -676,6 +676,48 @@ def test_a_pipelined_admin_request_goes_to_its_threads_after_a_proxied_one(serve
 # -- stopping --------------------------------------------------------------------------
 
 
+class Parking(Blocking):
+    """Keeps every request to ``/park...`` until the test resumes it, and
+    answers with what it was resumed with."""
+
+    def __init__(self):
+        super().__init__()
+        self.parked = []
+
+    def park(self, resume):
+        self.parked.append(resume)
+        return True
+
+    def __call__(self, environ, start_response):
+        token = environ.get(front.PARKED)
+        if token is None:
+            return super().__call__(environ, start_response)
+        body = f"{environ['PATH_INFO']} {token}".encode()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+
+def test_an_app_may_park_a_request_before_a_thread_has_it(serve):
+    """Parked: no thread runs it, the admin paths still answer; resumed
+    from another thread, it runs with the token in its environ."""
+    app = Parking()
+    (port,) = ports_of(serve(app, {"threads": 1}))
+    parked = serve.connect(port)
+    parked.send(b"/park")
+    wait_until(lambda: app.parked, 2)
+    assert parked.silent(0.2)
+    assert serve.connect(port).timed(b"/_lb/stats") < AT_ONCE
+    assert app.parked == [app.parked[0]], "the admin request was parked"
+    resumer = threading.Thread(target=app.parked[0], args=("slot-1",))
+    resumer.start(), resumer.join(2)
+    assert parked.answer() == b"/park slot-1"
+    # The next request on the connection is parked again, on its own.
+    parked.send(b"/park-again")
+    wait_until(lambda: len(app.parked) == 2, 2)
+    app.parked[1]("slot-2")
+    assert parked.answer() == b"/park-again slot-2"
+
+
 def test_sigterm_finishes_a_download_in_flight(processes):
     """SIGTERM in the middle of a 20 MB download to a slow client: all of it
     arrives, new connections are refused, and the dispatcher exits."""

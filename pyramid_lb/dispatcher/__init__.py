@@ -9,7 +9,7 @@ import signal
 import threading
 
 from pyramid_lb.dispatcher.admin import PREFIX, Admin
-from pyramid_lb.dispatcher.balancer import make_strategy
+from pyramid_lb.dispatcher.balancer import Strategy, make_strategy
 from pyramid_lb.dispatcher.cache import Cache
 from pyramid_lb.dispatcher.checks import HealthChecker
 from pyramid_lb.dispatcher.cluster import UP, Backend, Cluster
@@ -99,6 +99,14 @@ class Dispatcher:
             sticky=sticky,
             trusted=trusted,
             cache=self._cache(),
+        )
+        # Whether a request may wait for any instance before its environ is
+        # read: not when a cookie or a hash binds it to one, nor when the
+        # cache may answer it without any.
+        self._parks = (
+            sticky is None
+            and self.proxy.cache is None
+            and type(self.strategy).binds is Strategy.binds
         )
         self.checker = HealthChecker(
             self.cluster,
@@ -247,6 +255,12 @@ class Dispatcher:
         if self._signals:
             # The main thread runs the server: a signal is what stops it.
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def park(self, resume) -> bool:
+        """Called by the server (see :mod:`pyramid_lb.server`) before a
+        request has a thread: whether the queue keeps it until an instance
+        has room, to ``resume`` it then, on a thread, with a slot taken."""
+        return self._parks and self.cluster.queue.park(self.cluster, resume)
 
     def stopping(self) -> None:
         """The server stops gracefully: the requests waiting for an instance

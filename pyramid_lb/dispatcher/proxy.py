@@ -42,6 +42,7 @@ from pyramid_lb.dispatcher.upstream import (
     exchange,
     may_resend,
 )
+from pyramid_lb.server import PARKED
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
@@ -388,6 +389,7 @@ class Task:
         "body",
         "tried",
         "why",
+        "waited",
     )
 
     def __init__(self, proxy: Proxy, environ, start_response):
@@ -409,11 +411,17 @@ class Task:
         self.tried: list[Backend] = []
         #: Why no (other) instance took the request, once that is so.
         self.why = "no instance is available to take the request"
+        #: Its wait in the queue, if the server parked it (it may come with
+        #: a slot taken).
+        self.waited = environ.pop(PARKED, None)
 
     def run(self):
         """The WSGI answer: the instance's, or one of the proxy's own."""
         refusal = self.admit()
         if refusal is not None:
+            waited = self.waited
+            if waited is not None and waited.backend is not None:
+                self.proxy.cluster.release(waited.backend)  # not needed now
             return self.refuse(*refusal)
         cache = self.proxy.cache
         if cache is not None:
@@ -517,22 +525,27 @@ class Task:
         cluster, queue = proxy.cluster, proxy.cluster.queue
         want = pinned if pinned is not None and not tried else None
         while True:
-            backend = want or proxy.strategy.choose(self.environ, tried)
-            # Nobody overtakes the queue.
-            if backend is not None and not queue.depth and cluster.take(backend):
-                tried.append(backend)
-                return backend
-            if backend is None and not cluster.untried(tried):
-                if tried:
-                    self.why = "no other instance is available to try it on"
-                return None
-            # Pinned, or hashed to it: that one; else any.
-            bound = None
-            if backend is not None and (
-                backend is want or proxy.strategy.binds(self.environ)
-            ):
-                bound = backend
-            backend, ended = queue.wait(cluster, bound, tried)
+            waited, self.waited = self.waited, None
+            if waited is not None:  # parked by the server, before this thread
+                bound = None
+                backend, ended = queue.outcome(waited)
+            else:
+                backend = want or proxy.strategy.choose(self.environ, tried)
+                # Nobody overtakes the queue.
+                if backend is not None and not queue.depth and cluster.take(backend):
+                    tried.append(backend)
+                    return backend
+                if backend is None and not cluster.untried(tried):
+                    if tried:
+                        self.why = "no other instance is available to try it on"
+                    return None
+                # Pinned, or hashed to it: that one; else any.
+                bound = None
+                if backend is not None and (
+                    backend is want or proxy.strategy.binds(self.environ)
+                ):
+                    bound = backend
+                backend, ended = queue.wait(cluster, bound, tried)
             if backend is not None:
                 tried.append(backend)
                 return backend

@@ -7,7 +7,12 @@ per-server ``maxconn`` with ``timeout queue`` is the model). A slot freed by
 an exchange that ends is handed straight to the first waiter that may use
 it, so a request arriving meanwhile cannot overtake the queue.
 
-A waiter blocks its thread on a lock, it does not poll; the dispatcher's
+A request that may go to any instance waits before it has a thread: the
+server parks it (:meth:`RequestQueue.park`) and hands it to a thread only
+once a slot is taken for it, so a queue costs neither a thread per waiter
+nor the wake-up of one. A request bound to one instance (sticky, hashed)
+is chosen for with its environ, on its thread, and waits there
+(:meth:`RequestQueue.wait`), its thread asleep on a lock. The dispatcher's
 own ``/_lb/`` endpoints have threads of their own (see
 :mod:`pyramid_lb.server`), so a full queue cannot keep them from answering.
 """
@@ -36,25 +41,31 @@ CLOSED = "closed"  # the dispatcher is stopping: it sends no more requests
 # Waiters look again this often, in case a slot came free without a word
 # (an ejection that ran out): a safety net, not how they are served.
 _RECHECK = 0.5
+# The thread that times parked requests stops after this long without any.
+_KEEPER_IDLE = 5.0
 
 
 class Waiter:
     """One request in the queue: what it waits for, and what it got."""
 
-    __slots__ = ("want", "tried", "backend", "gone", "asleep")
+    __slots__ = ("want", "tried", "backend", "gone", "asleep", "resume", "started")
 
-    def __init__(self, want: Backend | None, tried):
+    def __init__(self, want: Backend | None, tried, resume=None):
         #: The one instance it must go to (pinned, or its hash's), or None.
         self.want = want
         #: Instances it already failed on: not offered again.
         self.tried = tried
         self.backend: Backend | None = None
         self.gone = False
-        # Held while it waits; released to wake it. A bare lock is the
-        # cheapest way to hand a thread something (an Event builds a
-        # Condition and a lock per wait on top of one).
-        self.asleep = threading.Lock()
-        self.asleep.acquire()
+        #: For a parked request, called with the waiter when its wait ends.
+        self.resume = resume
+        self.started = perf_counter()
+        if resume is None:
+            # Held while it waits; released to wake it. A bare lock is the
+            # cheapest way to hand a thread something (an Event builds a
+            # Condition and a lock per wait on top of one).
+            self.asleep = threading.Lock()
+            self.asleep.acquire()
 
     @property
     def done(self) -> bool:
@@ -68,7 +79,12 @@ class RequestQueue:
         self.size = size
         self.timeout = timeout
         self._waiters: collections.deque[Waiter] = collections.deque()
+        # The parked ones among them, oldest first, and the thread that
+        # ends their waits on time (started with the first one).
+        self._parked: collections.deque[Waiter] = collections.deque()
         self._lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
+        self._keeper_wakes = threading.Condition(self._lock)
         # for the stats
         self.served = 0  # waited, then sent
         self.timeouts = 0
@@ -89,7 +105,7 @@ class RequestQueue:
         in ``tried``); ``(backend, None)`` with the slot taken, or ``(None,
         why)``: :data:`FULL`, :data:`TIMEOUT`, :data:`GONE` or :data:`CLOSED`."""
         waiter = Waiter(want, tried)
-        started = perf_counter()
+        started = waiter.started
         with self._lock:
             if self.closed:
                 return None, CLOSED
@@ -119,6 +135,79 @@ class RequestQueue:
         if waiter.gone:
             return None, CLOSED if self.closed else GONE
         return None, TIMEOUT
+
+    def park(self, cluster: Cluster, resume) -> bool:
+        """Keep a request that may go to any instance, before it has a
+        thread, while none has room for it (or others wait already):
+        ``resume(waiter)`` is called once its wait ends, its slot taken or
+        not (see :meth:`outcome`). False, and nothing kept, when it need
+        not wait or cannot: its thread then chooses, or refuses, itself."""
+        if not self._waiters and cluster.eligible():
+            return False  # the common case, without the lock
+        with self._lock:
+            if (
+                self.closed
+                or len(self._waiters) >= self.size
+                or not cluster.untried(())
+                or (not self._waiters and cluster.eligible())
+            ):
+                return False
+            waiter = Waiter(None, (), resume)
+            self._waiters.append(waiter)
+            self._parked.append(waiter)
+            if self._keeper is None:
+                self._keeper = threading.Thread(
+                    target=self._keep_time,
+                    args=(cluster,),
+                    name="pyramid_lb queue timer",
+                    daemon=True,
+                )
+                self._keeper.start()
+            elif len(self._parked) == 1:
+                self._keeper_wakes.notify()  # it sleeps, with none to time
+            # A slot freed before this one queued is not lost.
+            self._serve(cluster, waiter)
+        return True
+
+    def outcome(self, waiter: Waiter) -> tuple[Backend | None, str | None]:
+        """What a parked request's wait gave it, as :meth:`wait` says it."""
+        if waiter.backend is not None:
+            return waiter.backend, None
+        if waiter.gone:
+            return None, CLOSED if self.closed else GONE
+        return None, TIMEOUT
+
+    def _keep_time(self, cluster: Cluster) -> None:
+        """End the waits of parked requests that ran out of time; look for
+        slots now and then, as the threads of waiters do. Ends a few
+        seconds after the last parked request left."""
+        with self._lock:
+            try:
+                self._time_parked(cluster)
+            finally:
+                self._keeper = None  # the next park starts another
+
+    def _time_parked(self, cluster: Cluster) -> None:
+        idle_since = perf_counter()
+        while True:
+            now = perf_counter()
+            if not self._parked:
+                if now - idle_since > _KEEPER_IDLE:
+                    return
+                self._keeper_wakes.wait(_KEEPER_IDLE)
+                continue
+            first = self._parked[0]
+            left = first.started + self.timeout - now
+            if left <= 0:
+                self.timeouts += 1
+                self._end_wait(first)
+                idle_since = now
+                continue
+            self._keeper_wakes.wait(min(left, _RECHECK))
+            for waiter in list(self._parked):
+                if not waiter.done:
+                    self._serve(cluster, waiter)
+            idle_since = perf_counter()
 
     def offer(self, cluster: Cluster, backend: Backend) -> None:
         """A slot came free on ``backend``: the first waiter that may use it
@@ -178,13 +267,24 @@ class RequestQueue:
 
     def _hand(self, waiter: Waiter, backend: Backend) -> None:
         waiter.backend = backend
-        self._waiters.remove(waiter)
-        waiter.asleep.release()
+        if waiter.resume is not None:
+            self.served += 1
+        self._end_wait(waiter)
 
     def _let_go(self, waiter: Waiter) -> None:
         waiter.gone = True
+        self._end_wait(waiter)
+
+    def _end_wait(self, waiter: Waiter) -> None:
+        """Out of the queue; its thread woken, or a parked request resumed
+        (a thread waiter counts its own wait when it wakes)."""
         self._waiters.remove(waiter)
-        waiter.asleep.release()
+        if waiter.resume is None:
+            waiter.asleep.release()
+            return
+        self._parked.remove(waiter)
+        self._count(perf_counter() - waiter.started)
+        waiter.resume(waiter)
 
     def _count(self, elapsed: float) -> None:
         self.buckets[bisect.bisect_left(WAIT_BUCKETS, elapsed)] += 1

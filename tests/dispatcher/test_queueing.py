@@ -14,6 +14,7 @@ from pyramid_lb.dispatcher.balancer import ConsistentHash, RoundRobin
 from pyramid_lb.dispatcher.cluster import DOWN, UP, Backend, Cluster
 from pyramid_lb.dispatcher.proxy import Proxy
 from pyramid_lb.dispatcher.queueing import CLOSED, FULL, GONE, TIMEOUT, RequestQueue
+from pyramid_lb.server import PARKED
 from tests.clock import Clock
 from tests.dispatcher import canned
 from tests.dispatcher.site import all_up, free_base_port, serve, stats
@@ -132,6 +133,104 @@ def test_a_waiter_is_not_offered_what_it_tried():
     cluster.release(busy)
     thread.join(5)
     assert got == [(busy, None)]
+
+
+# -- parked requests: waiting before they have a thread -----------------------
+
+
+class Resumes:
+    """What a parked request is resumed with, in order (a server's part)."""
+
+    def __init__(self):
+        self.got = []
+        self.threads = []
+
+    def __call__(self, waiter):
+        self.got.append(waiter)
+        self.threads.append(threading.current_thread())
+
+
+def test_a_request_parks_only_when_it_would_wait():
+    cluster, (backend,) = capped()
+    resumes = Resumes()
+    assert not cluster.queue.park(cluster, resumes), "room: its thread chooses"
+    assert cluster.take(backend)
+    assert cluster.queue.park(cluster, resumes)
+    assert (cluster.queue.depth, resumes.got) == (1, [])
+    cluster.release(backend)  # the parked request gets the slot, in this thread
+    (waiter,) = resumes.got
+    assert cluster.queue.outcome(waiter) == (backend, None)
+    assert backend.in_flight == 1, "handed over, never freed in between"
+    assert (cluster.queue.depth, cluster.queue.served) == (0, 1)
+    assert sum(cluster.queue.buckets) == 1
+
+
+def test_parked_and_waiting_requests_are_served_in_arrival_order():
+    cluster, (backend,) = capped()
+    assert cluster.take(backend)
+    resumes = Resumes()
+    assert cluster.queue.park(cluster, resumes)
+    thread, got = waiting(cluster)
+    assert cluster.queue.park(cluster, resumes)
+    cluster.release(backend)
+    assert len(resumes.got) == 1 and not got
+    cluster.release(backend)
+    thread.join(5)
+    assert got == [(backend, None)] and len(resumes.got) == 1
+    cluster.release(backend)
+    assert len(resumes.got) == 2
+    assert [cluster.queue.outcome(w) for w in resumes.got] == [(backend, None)] * 2
+
+
+def test_a_parked_request_is_not_kept_when_the_queue_cannot_take_it():
+    cluster, (backend,) = capped(size=1)
+    assert cluster.take(backend)
+    resumes = Resumes()
+    assert cluster.queue.park(cluster, resumes)
+    assert not cluster.queue.park(cluster, resumes), "full: its thread says 503"
+    cluster.set_state(backend, DOWN, "test")
+    assert resumes.got and cluster.queue.outcome(resumes.got[0]) == (None, GONE)
+    assert not cluster.queue.park(cluster, resumes), "no instance: no wait"
+    cluster.queue.close()
+    assert not cluster.queue.park(cluster, resumes)
+
+
+def test_a_parked_wait_ends_at_the_timeout_without_a_thread_of_its_own():
+    cluster, (backend,) = capped(timeout=0.3)
+    assert cluster.take(backend)
+    resumes = Resumes()
+    started = time.monotonic()
+    assert cluster.queue.park(cluster, resumes)
+    wait_until(lambda: resumes.got, 2)
+    assert 0.3 <= time.monotonic() - started < 0.6
+    assert cluster.queue.outcome(resumes.got[0]) == (None, TIMEOUT)
+    assert (cluster.queue.depth, cluster.queue.timeouts) == (0, 1)
+    assert resumes.threads[0].name == "pyramid_lb queue timer"
+    # The timer sleeps with nothing to time, and wakes for the next one.
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert cluster.queue.park(cluster, resumes)
+    wait_until(lambda: len(resumes.got) == 2, 2)
+    assert 0.3 <= time.monotonic() - started < 0.6
+
+
+def test_a_stopping_dispatcher_resumes_its_parked_requests():
+    cluster, (backend,) = capped()
+    assert cluster.take(backend)
+    resumes = Resumes()
+    assert cluster.queue.park(cluster, resumes)
+    cluster.queue.close()
+    assert [cluster.queue.outcome(w) for w in resumes.got] == [(None, CLOSED)]
+
+
+def test_a_parked_request_takes_an_instance_that_comes_up():
+    cluster, (busy,) = capped()
+    assert cluster.take(busy)
+    resumes = Resumes()
+    assert cluster.queue.park(cluster, resumes)
+    fresh = Backend("http://127.0.0.1:9100", name="fresh", max_in_flight=1)
+    cluster.add(fresh)
+    assert [cluster.queue.outcome(w) for w in resumes.got] == [(fresh, None)]
 
 
 # -- slow start, in process ---------------------------------------------------
@@ -463,6 +562,60 @@ def test_a_hashed_request_waits_for_its_instance_a_balanced_one_does_not(gated, 
         gates[0].open(), gates[1].open()
         first.join(5), second.join(5)
     assert [a[0] for a in first_answer + second_answer] == ["200 OK"] * 2
+
+
+def parked_with_a_slot(cluster, backend):
+    """A request the server parked, then resumed with a slot on ``backend``."""
+    for each in cluster.backends:
+        assert cluster.take(each)
+    resumes = Resumes()
+    assert cluster.queue.park(cluster, resumes)
+    cluster.release(backend)
+    (waiter,) = resumes.got
+    assert waiter.backend is backend
+    for each in cluster.backends:
+        if each is not backend:
+            cluster.release(each)
+    return waiter
+
+
+def test_a_parked_request_goes_to_the_instance_it_waited_for(gated):
+    cluster, servers, gates = gated
+    gates[0].open(), gates[1].open()
+    proxy = Proxy(cluster, RoundRobin(cluster), via_name="lb-unit")
+    waiter = parked_with_a_slot(cluster, cluster.backends[1])
+    status, _, body = call(proxy, **{PARKED: waiter})
+    assert (status, body) == ("200 OK", b"ok")
+    assert len(servers[1].requests) == 1 and not servers[0].requests
+    assert [b.in_flight for b in cluster.backends] == [0, 0]
+
+
+def test_a_parked_request_refused_gives_its_slot_back(gated):
+    cluster, servers, _ = gated
+    proxy = Proxy(cluster, RoundRobin(cluster), via_name="lb-unit")
+    waiter = parked_with_a_slot(cluster, cluster.backends[0])
+    status, _, _ = call(proxy, HTTP_HOST="bad host", **{PARKED: waiter})
+    assert status.startswith("400")
+    assert cluster.backends[0].in_flight == 0, "the slot it came with leaked"
+    assert not servers[0].requests
+
+
+def test_waiting_requests_hold_no_thread_of_the_dispatcher(processes, tmp_path):
+    """With 2 server threads, 12 clients over two instances capped at one:
+    10 wait in the queue at once, which they could not if each held a
+    thread, and all are served."""
+    ini, _ = busy_site(tmp_path, 2, max_in_flight=1, queue_size=20)
+    ini.write_text(
+        ini.read_text().replace(
+            "listen = 127.0.0.1:0\n", "listen = 127.0.0.1:0\nthreads = 2\n"
+        )
+    )
+    _, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 2), 20)
+    with DepthWatch(url) as depth, ThreadPool(12) as pool:
+        results = list(pool.map(timed_get, [url + "/slow?s=0.3"] * 12))
+    assert [status for status, _, _ in results] == [200] * 12
+    assert depth.deepest >= 6, depth.deepest
 
 
 def test_sigterm_answers_the_requests_waiting_in_the_queue(processes, tmp_path):
