@@ -176,6 +176,23 @@ class StrictChannel(HTTPChannel):
     task_class = StrictTask
     error_task_class = StrictErrorTask
 
+    def service(self) -> None:
+        # Waitress runs no task for a connection already closed: a parked
+        # request's token then gives back what it holds (a slot). A
+        # connection cancelled by a stop has no requests left at all.
+        requests = self.requests
+        if not requests:
+            return
+        if not self.connected:
+            _abandon(getattr(requests[0], "parked", None))
+        super().service()
+
+
+def _abandon(token) -> None:
+    abandon = getattr(token, "abandon", None)
+    if abandon is not None:
+        abandon()
+
 
 def _fields(header_plus: bytes) -> list[tuple[bytes, bytes]]:
     """``(lowered name, value)`` of each header line, as waitress reads them."""
@@ -252,7 +269,10 @@ class AdminRouter:
 
             def resume(token, main=self.main):
                 request.parked = token
-                main.add_task(channel)
+                if channel.connected and channel.requests:
+                    main.add_task(channel)
+                else:  # closed while it waited: it will not run
+                    _abandon(token)
 
             if park(resume):
                 return

@@ -718,6 +718,37 @@ def test_an_app_may_park_a_request_before_a_thread_has_it(serve):
     assert parked.answer() == b"/park-again slot-2"
 
 
+class Token:
+    def __init__(self):
+        self.abandoned = 0
+
+    def abandon(self):
+        self.abandoned += 1
+
+
+def test_a_parked_request_of_a_closed_connection_is_abandoned(serve):
+    """Waitress runs no task for a connection closed meanwhile: the token
+    is told, so that what it holds (the dispatcher's slot) is not lost."""
+    app = Parking()
+    server = serve(app, {"threads": 1})
+    (port,) = ports_of(server)
+    serve.connect(port).send(b"/park")
+    wait_until(lambda: app.parked, 2)
+    (channel,) = [c for c in front._map(server).values() if isinstance(c, HTTPChannel)]
+    channel.handle_close()  # as when its client leaves
+    token = Token()
+    app.parked[0](token)
+    assert token.abandoned == 1
+    # Closed between its resume and its thread: the same.
+    late, token.abandoned = Token(), 0
+    channel.requests[0].parked = late
+    channel.service()
+    assert late.abandoned == 1
+    # Cancelled by a stop, which forgets its requests: nothing to run.
+    channel.cancel()
+    channel.service()
+
+
 def test_sigterm_finishes_a_download_in_flight(processes):
     """SIGTERM in the middle of a 20 MB download to a slow client: all of it
     arrives, new connections are refused, and the dispatcher exits."""

@@ -48,7 +48,16 @@ _KEEPER_IDLE = 5.0
 class Waiter:
     """One request in the queue: what it waits for, and what it got."""
 
-    __slots__ = ("want", "tried", "backend", "gone", "asleep", "resume", "started")
+    __slots__ = (
+        "want",
+        "tried",
+        "backend",
+        "gone",
+        "asleep",
+        "resume",
+        "started",
+        "cluster",
+    )
 
     def __init__(self, want: Backend | None, tried, resume=None):
         #: The one instance it must go to (pinned, or its hash's), or None.
@@ -66,6 +75,13 @@ class Waiter:
             # Condition and a lock per wait on top of one).
             self.asleep = threading.Lock()
             self.asleep.acquire()
+
+    def abandon(self) -> None:
+        """The parked request will not run (its client left): the slot
+        taken for it goes back."""
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            self.cluster.release(backend)
 
     @property
     def done(self) -> bool:
@@ -153,6 +169,7 @@ class RequestQueue:
             ):
                 return False
             waiter = Waiter(None, (), resume)
+            waiter.cluster = cluster
             self._waiters.append(waiter)
             self._parked.append(waiter)
             if self._keeper is None:

@@ -600,6 +600,14 @@ def test_a_parked_request_refused_gives_its_slot_back(gated):
     assert not servers[0].requests
 
 
+def test_a_parked_request_whose_client_left_gives_its_slot_back(gated):
+    cluster, _, _ = gated
+    waiter = parked_with_a_slot(cluster, cluster.backends[0])
+    waiter.abandon()
+    waiter.abandon()  # once only
+    assert [b.in_flight for b in cluster.backends] == [0, 0]
+
+
 def test_waiting_requests_hold_no_thread_of_the_dispatcher(processes, tmp_path):
     """With 2 server threads, 12 clients over two instances capped at one:
     10 wait in the queue at once, which they could not if each held a
