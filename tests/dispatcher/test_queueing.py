@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor as ThreadPool
@@ -624,6 +625,41 @@ def test_waiting_requests_hold_no_thread_of_the_dispatcher(processes, tmp_path):
         results = list(pool.map(timed_get, [url + "/slow?s=0.3"] * 12))
     assert [status for status, _, _ in results] == [200] * 12
     assert depth.deepest >= 6, depth.deepest
+
+
+def test_pipelined_requests_behind_a_full_queue_are_all_answered(processes, tmp_path):
+    """Each request of a pipelined connection parks in its turn (waitress
+    hands the next over when the one before is answered): all three are
+    answered on the connection, which is kept."""
+    ini, _ = busy_site(tmp_path, 1, max_in_flight=1)
+    _, url = serve(processes, ini)
+    wait_until(lambda: all_up(url, 1), 20)
+    port = int(url.rpartition(":")[2])
+    with ThreadPool(3) as pool:
+        busy = [pool.submit(timed_get, url + "/slow?s=0.3") for _ in range(3)]
+        wait_until(
+            lambda: (
+                requests.get(url + "/_lb/stats.json", timeout=5).json()["queue"][
+                    "depth"
+                ]
+                >= 1
+            ),
+            5,
+        )
+        with socket.create_connection(("127.0.0.1", port), 10) as sock:
+            sock.sendall(
+                b"".join(
+                    b"GET /slow?s=0.0%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+                    for i in (1, 2, 3)
+                )
+            )
+            received = b""
+            while received.count(b"HTTP/1.1 200") < 3:
+                data = sock.recv(65536)
+                assert data, received
+                received += data
+        assert [f.result()[0] for f in busy] == [200] * 3
+    assert received.count(b"HTTP/1.1 200") == 3 and b"Connection: close" not in received
 
 
 def test_sigterm_answers_the_requests_waiting_in_the_queue(processes, tmp_path):
