@@ -419,9 +419,8 @@ class Task:
         """The WSGI answer: the instance's, or one of the proxy's own."""
         refusal = self.admit()
         if refusal is not None:
-            waited = self.waited
-            if waited is not None and waited.backend is not None:
-                self.proxy.cluster.release(waited.backend)  # not needed now
+            if self.waited is not None:
+                self.waited.abandon()  # the slot it came with is not needed
             return self.refuse(*refusal)
         cache = self.proxy.cache
         if cache is not None:

@@ -77,8 +77,8 @@ class Waiter:
             self.asleep.acquire()
 
     def abandon(self) -> None:
-        """The parked request will not run (its client left): the slot
-        taken for it goes back."""
+        """The parked request will not use the slot taken for it (its client
+        left, or it is refused): the slot goes back, once."""
         backend, self.backend = self.backend, None
         if backend is not None:
             self.cluster.release(backend)
