@@ -23,9 +23,11 @@ waitress with these changes, for ``[server:dispatcher]`` (and
   of spaces after the colon, and minutes on 256 KB).
 - An answer's head goes out with the first piece of its body, in one
   ``send()``: waitress sends them apart, and the client wakes up twice.
-- poll() and a connection limit in the thousands, so that idle keep-alive
-  clients and slowloris ones cannot lock the others out (waitress's
-  defaults are select() and 100 connections).
+- epoll (:mod:`pyramid_lb.event_loop`) and a connection limit in the
+  thousands, so that idle keep-alive clients and slowloris ones cannot lock
+  the others out, and a keep-alive request wakes the main loop once
+  (waitress's defaults are select() and 100 connections, and its loop
+  wakes three times per request and asks every connection each time).
 - On SIGTERM or Ctrl-C, :func:`run` stops accepting, closes idle
   connections, and lets requests in flight finish, answers being sent
   included, for ``graceful_timeout`` seconds; waitress alone stops its main
@@ -59,6 +61,7 @@ from waitress.parser import HTTPRequestParser, ParsingError, get_header_lines
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
+from pyramid_lb.event_loop import event_loop, serving
 from pyramid_lb.request_head import FIELD_LINE_RE, canonical_head, parse_plain_head
 from pyramid_lb.settings import SettingsError, seconds
 
@@ -185,7 +188,24 @@ class StrictChannel(HTTPChannel):
             return
         if not self.connected:
             _abandon(getattr(requests[0], "parked", None))
-        super().service()
+        serving.channel = self  # whom the worker's wake-ups are about
+        try:
+            super().service()
+        finally:
+            serving.channel = None
+
+    def add_channel(self, map=None) -> None:
+        super().add_channel(map)
+        loop = getattr(self.server, "event_loop", None)
+        if loop is not None:
+            loop.added(self)
+
+    def del_channel(self, map=None) -> None:
+        fd = self._fileno  # gone after the next line
+        super().del_channel(map)
+        loop = getattr(self.server, "event_loop", None)
+        if loop is not None:
+            loop.removed(fd, self)
 
 
 def _abandon(token) -> None:
@@ -397,15 +417,18 @@ def _allow_descriptors(connections: int) -> None:
 def run(server, graceful_timeout: float = GRACEFUL_TIMEOUT) -> None:
     """Serve until SystemExit or KeyboardInterrupt (SIGTERM, Ctrl-C), then stop
     gracefully: see :func:`finish`. A second signal stops at once."""
-    adj = server.adj
+    loop, socket_map = loop_of(server), _map(server)
+    timeout = server.adj.asyncore_loop_timeout
     try:
-        wasyncore.loop(
-            timeout=adj.asyncore_loop_timeout,
-            map=_map(server),
-            use_poll=adj.asyncore_use_poll,
-        )
+        while socket_map:
+            loop.step(timeout)
     except (SystemExit, KeyboardInterrupt):
         finish(server, graceful_timeout)
+
+
+def loop_of(server):
+    """The server's main loop (:mod:`pyramid_lb.event_loop`): epoll on Linux."""
+    return event_loop(_map(server), _listeners(server), server.adj)
 
 
 def finish(server, timeout: float) -> bool:
@@ -416,7 +439,7 @@ def finish(server, timeout: float) -> bool:
     An app with a ``stopping()`` method is told first (the dispatcher then
     answers the requests waiting in its queue at once rather than let them
     be cut off at the deadline)."""
-    adj, socket_map = server.adj, _map(server)
+    socket_map, loop = _map(server), loop_of(server)
     listeners = _listeners(server)
     for listener in listeners:
         # The listening socket only: its trigger wakes the loop for workers.
@@ -435,9 +458,7 @@ def finish(server, timeout: float) -> bool:
             timeout,
         )
     while busy and time.monotonic() < deadline:
-        wasyncore.loop(
-            timeout=0.05, map=socket_map, use_poll=adj.asyncore_use_poll, count=1
-        )
+        loop.step(0.05)
         busy = _close_idle(socket_map)
     if busy:
         log.warning(
@@ -447,6 +468,7 @@ def finish(server, timeout: float) -> bool:
         )
     server.task_dispatcher.shutdown(timeout=max(0.5, deadline - time.monotonic()))
     wasyncore.close_all(socket_map)
+    loop.close()
     return not busy
 
 

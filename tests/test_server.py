@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import waitress
-from waitress import wasyncore
 from waitress.buffers import ReadOnlyFileBasedBuffer
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
@@ -559,11 +558,11 @@ def serve():
             app, {"listen": "127.0.0.1:0", **options}, own_paths
         )
         stop = threading.Event()
-        socket_map = front._map(server)
+        main_loop = front.loop_of(server)
 
         def loop():
             while not stop.is_set():
-                wasyncore.loop(timeout=0.01, map=socket_map, use_poll=True, count=1)
+                main_loop.step(0.01)
 
         thread = threading.Thread(target=loop, daemon=True)
         started.append((app, server, stop, thread))
