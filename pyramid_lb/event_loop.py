@@ -17,10 +17,10 @@ registration only when what the connection wants changes:
   something to do for that connection: it was muted, it has bytes left to
   send, or it is to be closed (:meth:`EpollLoop.wake`, through the server's
   ``pull_trigger``). The common keep-alive answer wakes nothing.
-- Every connection is looked at again every ``asyncore_loop_timeout``
-  seconds, as waitress's loop does at the latest, so a change that told
-  nobody (the idle-connection sweep, a stop cancelling requests) is seen
-  as soon as there.
+- Every connection is looked at again after waitress's idle-connection
+  sweep, which tells nobody what it marked, and every
+  ``asyncore_loop_timeout`` seconds, as waitress's loop does at the
+  latest, so that any other change nobody was told of is seen as soon.
 
 What each connection is then asked to do is exactly what ``poll2`` would
 ask of it: the same events, the same ``readable()``/``writable()`` tests,
@@ -64,6 +64,7 @@ class EpollLoop:
         self.rescan_due = 0.0
         self.rescan_asked = False
         self.servers: list = []  # listening sockets and triggers: every wake
+        self.sweeps: dict = {}  # listener -> when its idle sweep is next due
         self.trigger = None
 
     def attach(self, listener) -> None:
@@ -75,11 +76,10 @@ class EpollLoop:
     def step(self, timeout: float) -> None:
         """Wait at most ``timeout`` seconds, then handle what happened."""
         now = time.monotonic()
+        if not (self.rescan_asked or now >= self.rescan_due):
+            self.update_servers()
         if self.rescan_asked or now >= self.rescan_due:
             self.rescan(now)
-        else:
-            for obj in self.servers:
-                self.update(obj)
         changed = self.changed
         while changed:
             self.update(changed.popleft())
@@ -94,10 +94,26 @@ class EpollLoop:
             self.dispatch(obj, events)
             self.update(obj)
 
+    def update_servers(self) -> None:
+        """Update the listeners and triggers, which any wake may change.
+
+        A listener's ``readable()`` runs waitress's idle sweep when it is
+        due, which marks connections to close without telling anyone: when
+        a sweep has run, every connection is looked at now, as poll2 would.
+        """
+        sweeps = self.sweeps
+        for obj in self.servers:
+            self.update(obj)
+            due = getattr(obj, "next_channel_cleanup", None)
+            if sweeps.get(obj, due) != due:
+                self.rescan_asked = True
+            sweeps[obj] = due
+
     def dispatch(self, obj, events: int) -> None:
         """Hand ``obj`` the events ``poll2`` would have asked it for."""
         readable = obj.readable()
-        if not readable and events & READ:
+        # A hang-up too: reported at every wait, as bytes to read would be.
+        if not readable and events & (READ | TROUBLE):
             # Set before looking again: a worker making it readable now
             # either sees the mute (and wakes us) or is seen here.
             self.muted.add(obj)
@@ -150,7 +166,8 @@ class EpollLoop:
                 except FileExistsError:
                     epoll.modify(fd, events)
         except OSError:
-            # A socket closed under us: the next rescan forgets it.
+            # A socket closed without leaving the map (waitress takes it out
+            # first): look at everything at the next step.
             self.rescan_asked = True
             return
         self.registered[fd] = (obj, events)
@@ -169,7 +186,9 @@ class EpollLoop:
         self.rescan_asked = False
         self.rescan_due = now + self.timeout
         socket_map = self.map
-        for fd in [fd for fd in self.registered if fd not in socket_map]:
+        # list() in one C call: a worker closing its connection (a failed
+        # "100 Continue") may drop a registration meanwhile.
+        for fd in [fd for fd in list(self.registered) if fd not in socket_map]:
             self.drop(fd)
         self.muted.intersection_update(socket_map.values())
         servers = []
@@ -211,6 +230,17 @@ class EpollLoop:
             return  # still registered for its next request: nothing to do
         self.trigger.pull_trigger()
 
+    def reset(self) -> None:
+        """Forget every registration; the next step makes them again.
+
+        For a graceful stop: the signal that started it may have come
+        between an ``epoll_ctl()`` and the note of it in ``registered``.
+        """
+        self.epoll.close()
+        self.epoll = select.epoll()
+        self.registered.clear()
+        self.rescan_asked = True
+
     def close(self) -> None:
         self.epoll.close()
         self.registered.clear()
@@ -229,6 +259,9 @@ class WasyncoreLoop:
 
     def added(self, channel) -> None:
         pass  # waitress's loop asks every connection at every wake-up
+
+    def reset(self) -> None:
+        pass
 
     def removed(self, fd: int, channel) -> None:
         pass

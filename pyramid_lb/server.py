@@ -440,6 +440,7 @@ def finish(server, timeout: float) -> bool:
     answers the requests waiting in its queue at once rather than let them
     be cut off at the deadline)."""
     socket_map, loop = _map(server), loop_of(server)
+    loop.reset()
     listeners = _listeners(server)
     for listener in listeners:
         # The listening socket only: its trigger wakes the loop for workers.

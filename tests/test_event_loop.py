@@ -2,6 +2,7 @@
 server, each behaviour beside waitress's own loop, which must agree."""
 
 import hashlib
+import select
 import socket
 import threading
 import time
@@ -268,3 +269,85 @@ def test_every_listening_socket_shares_one_loop():
         )
     finally:
         assert front.finish(server, 1)
+
+
+# -- the loop's own bookkeeping, driven step by step -----------------------------
+
+
+@pytest.fixture
+def stepped():
+    """A server whose loop the test steps itself: (server, loop)."""
+    server = front.create_server(lambda e, s: [], {"listen": "127.0.0.1:0"})
+    main_loop = front.loop_of(server)
+    main_loop.step(0)
+    try:
+        yield server, main_loop
+    finally:
+        assert front.finish(server, 1)
+
+
+class Busy:
+    """A connection being served: neither readable nor writable."""
+
+    _fileno, accepting = 10_001, False
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return False
+
+
+def test_a_hang_up_on_a_connection_being_served_mutes_it(stepped):
+    """Reported at every wait, a hang-up would spin the loop until the
+    answer is done: poll2 would not have polled the connection at all."""
+    server, main_loop = stepped
+    busy = Busy()
+    main_loop.map[busy._fileno] = busy
+    try:
+        main_loop.dispatch(busy, select.EPOLLHUP)
+        assert busy in main_loop.muted
+    finally:
+        del main_loop.map[busy._fileno]
+
+
+def test_a_registration_dropped_by_a_worker_during_a_rescan(stepped):
+    """A worker may close its connection (and drop its registration) while
+    the main thread walks the registrations."""
+    server, main_loop = stepped
+    for fd in range(10_000, 10_010):  # closed connections, not in the map
+        main_loop.registered[fd] = (object(), 0)
+
+    class Map(dict):
+        def __contains__(self, fd):
+            main_loop.registered.pop(10_005, None)  # the worker's removed()
+            return super().__contains__(fd)
+
+    main_loop.map = Map(main_loop.map)
+    try:
+        main_loop.rescan(time.monotonic())
+        assert not set(main_loop.registered) - set(main_loop.map)
+    finally:
+        main_loop.map = front._map(server)
+
+
+def test_a_graceful_stop_starts_from_fresh_registrations(stepped):
+    """SIGTERM may come between an epoll_ctl() and its note in
+    ``registered``: the stop's reset makes them all again from the map."""
+    server, main_loop = stepped
+    old = main_loop.epoll
+    main_loop.registered[server._fileno] = (server, select.EPOLLOUT)  # out of step
+    main_loop.reset()
+    main_loop.step(0)
+    assert main_loop.epoll is not old and old.closed
+    assert main_loop.registered[server._fileno] == (server, loops.READ)
+
+
+def test_the_idle_sweep_makes_the_loop_look_at_every_connection(stepped):
+    server, main_loop = stepped
+    main_loop.rescan_due = time.monotonic() + 60  # no timed rescan here
+    main_loop.step(0)
+    assert not main_loop.rescan_asked
+    server.next_channel_cleanup = 0  # due: the next readable() sweeps
+    main_loop.update_servers()
+    assert main_loop.rescan_asked
