@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import signal
@@ -108,6 +109,8 @@ class Dispatcher:
             and self.proxy.cache is None
             and type(self.strategy).binds is Strategy.binds
         )
+        # Such a strategy reads nothing of the request: none is given.
+        self._choose_any = functools.partial(self.strategy.choose, {})
         self.checker = HealthChecker(
             self.cluster,
             health_check_path=config.health_check_path,
@@ -258,9 +261,13 @@ class Dispatcher:
 
     def park(self, resume) -> bool:
         """Called by the server (see :mod:`pyramid_lb.server`) before a
-        request has a thread: whether the queue keeps it until an instance
-        has room, to ``resume`` it then, on a thread, with a slot taken."""
-        return self._parks and self.cluster.queue.park(self.cluster, resume)
+        request has a thread: whether the queue takes it, to ``resume`` it
+        on a thread with a slot taken (now, or once an instance has room),
+        or refused. Its thread then never waits for a slot while parked
+        requests, holding theirs, wait for a thread."""
+        return self._parks and self.cluster.queue.park(
+            self.cluster, resume, self._choose_any
+        )
 
     def stopping(self) -> None:
         """The server stops gracefully: the requests waiting for an instance

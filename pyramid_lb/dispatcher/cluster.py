@@ -242,6 +242,13 @@ class Cluster:
             self._recompute()
         return self._candidates
 
+    @property
+    def capped(self) -> bool:
+        """Whether a candidate has a cap (``max_in_flight``): a request may
+        then find no room."""
+        self.candidates()
+        return self._capped
+
     def _recompute(self) -> None:
         with self._lock:
             now = self._clock()

@@ -10,7 +10,12 @@ it, so a request arriving meanwhile cannot overtake the queue.
 A request that may go to any instance waits before it has a thread: the
 server parks it (:meth:`RequestQueue.park`) and hands it to a thread only
 once a slot is taken for it, so a queue costs neither a thread per waiter
-nor the wake-up of one. A request bound to one instance (sticky, hashed)
+nor the wake-up of one. Under caps every such request takes its slot there,
+even one that need not wait: were its thread left to take one, it could
+find none, and threads asleep for slots held by parked requests that wait
+for a thread would stall both until the queue's timeout.
+
+A request bound to one instance (sticky, hashed), or retried on another,
 is chosen for with its environ, on its thread, and waits there
 (:meth:`RequestQueue.wait`), its thread asleep on a lock. The dispatcher's
 own ``/_lb/`` endpoints have threads of their own (see
@@ -53,6 +58,7 @@ class Waiter:
         "tried",
         "backend",
         "gone",
+        "refused",
         "asleep",
         "resume",
         "started",
@@ -66,6 +72,8 @@ class Waiter:
         self.tried = tried
         self.backend: Backend | None = None
         self.gone = False
+        #: Why a parked request was refused without waiting (FULL, CLOSED).
+        self.refused: str | None = None
         #: For a parked request, called with the waiter when its wait ends.
         self.resume = resume
         self.started = perf_counter()
@@ -152,44 +160,67 @@ class RequestQueue:
             return None, CLOSED if self.closed else GONE
         return None, TIMEOUT
 
-    def park(self, cluster: Cluster, resume) -> bool:
-        """Keep a request that may go to any instance, before it has a
-        thread, while none has room for it (or others wait already):
-        ``resume(waiter)`` is called once its wait ends, its slot taken or
-        not (see :meth:`outcome`). False, and nothing kept, when it need
-        not wait or cannot: its thread then chooses, or refuses, itself."""
-        if not self._waiters and cluster.eligible():
+    def park(self, cluster: Cluster, resume, choose) -> bool:
+        """Take a request that may go to any instance before it has a thread,
+        so that its thread never waits: when the instances have caps, a slot
+        is taken for it now if one is free (on ``choose()``, the balancing
+        strategy's pick), else it waits here. ``resume(waiter)`` is called
+        once, with the slot taken or the reason it got none (see
+        :meth:`outcome`). False, and nothing kept, when there are no caps
+        (a slot is always free) or no instance at all: its thread then
+        chooses, or refuses, itself."""
+        if not cluster.capped or not cluster.untried(()):
             return False  # the common case, without the lock
+        waiter = Waiter(None, (), resume)
+        waiter.cluster = cluster
         with self._lock:
-            if (
-                self.closed
-                or len(self._waiters) >= self.size
-                or not cluster.untried(())
-                or (not self._waiters and cluster.eligible())
-            ):
-                return False
-            waiter = Waiter(None, (), resume)
-            waiter.cluster = cluster
-            self._waiters.append(waiter)
-            self._parked.append(waiter)
-            if self._keeper is None:
-                self._keeper = threading.Thread(
-                    target=self._keep_time,
-                    args=(cluster,),
-                    name="pyramid_lb queue timer",
-                    daemon=True,
-                )
-                self._keeper.start()
-            elif len(self._parked) == 1:
-                self._keeper_wakes.notify()  # it sleeps, with none to time
-            # A slot freed before this one queued is not lost.
-            self._serve(cluster, waiter)
+            if self.closed:
+                waiter.refused = CLOSED
+            elif not self._waiters and self._take_now(cluster, choose, waiter):
+                pass  # not queued: neither counted nor timed as a wait
+            elif len(self._waiters) >= self.size:
+                self.rejected += 1
+                waiter.refused = FULL
+            else:
+                self._queue_parked(cluster, waiter)
+                return True
+        resume(waiter)
         return True
+
+    def _take_now(self, cluster: Cluster, choose, waiter: Waiter) -> bool:
+        # Threads retrying elsewhere take slots without the lock: the pick
+        # may be full by the time it is taken.
+        for _ in range(3):
+            backend = choose()
+            if backend is None:
+                return False
+            if cluster.take(backend):
+                waiter.backend = backend
+                return True
+        return False
+
+    def _queue_parked(self, cluster: Cluster, waiter: Waiter) -> None:
+        self._waiters.append(waiter)
+        self._parked.append(waiter)
+        if self._keeper is None:
+            self._keeper = threading.Thread(
+                target=self._keep_time,
+                args=(cluster,),
+                name="pyramid_lb queue timer",
+                daemon=True,
+            )
+            self._keeper.start()
+        elif len(self._parked) == 1:
+            self._keeper_wakes.notify()  # it sleeps, with none to time
+        # A slot freed before this one queued is not lost.
+        self._serve(cluster, waiter)
 
     def outcome(self, waiter: Waiter) -> tuple[Backend | None, str | None]:
         """What a parked request's wait gave it, as :meth:`wait` says it."""
         if waiter.backend is not None:
             return waiter.backend, None
+        if waiter.refused is not None:
+            return None, waiter.refused
         if waiter.gone:
             return None, CLOSED if self.closed else GONE
         return None, TIMEOUT

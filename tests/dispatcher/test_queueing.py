@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor as ThreadPool
+from functools import partial
 
 import pytest
 import requests
@@ -151,12 +152,37 @@ class Resumes:
         self.threads.append(threading.current_thread())
 
 
-def test_a_request_parks_only_when_it_would_wait():
-    cluster, (backend,) = capped()
+def park(cluster, resumes):
+    """What the dispatcher does with a request that may go anywhere."""
+    return cluster.queue.park(cluster, resumes, partial(RoundRobin(cluster).choose, {}))
+
+
+def test_without_caps_a_request_is_not_parked():
+    cluster = Cluster([Backend("http://127.0.0.1:9000", name="b0")])
+    assert not park(cluster, Resumes()), "a slot is always free: its thread takes it"
+
+
+def test_under_caps_a_request_takes_its_slot_before_it_has_a_thread():
+    """Its thread is never left to take a slot: it could find none, and
+    sleep for one held by a parked request that waits for a thread."""
+    cluster, backends = capped(2)
     resumes = Resumes()
-    assert not cluster.queue.park(cluster, resumes), "room: its thread chooses"
+    assert park(cluster, resumes) and park(cluster, resumes)
+    assert [cluster.queue.outcome(w) for w in resumes.got] == [
+        (backends[0], None),
+        (backends[1], None),
+    ], "the strategy's picks, taken at once"
+    assert [b.in_flight for b in backends] == [1, 1]
+    assert resumes.threads == [threading.current_thread()] * 2
+    assert (cluster.queue.depth, cluster.queue.served) == (0, 0), "no wait"
+    assert sum(cluster.queue.buckets) == 0
+
+
+def test_a_request_that_finds_no_room_waits_parked():
+    cluster, (backend,) = capped()
     assert cluster.take(backend)
-    assert cluster.queue.park(cluster, resumes)
+    resumes = Resumes()
+    assert park(cluster, resumes)
     assert (cluster.queue.depth, resumes.got) == (1, [])
     cluster.release(backend)  # the parked request gets the slot, in this thread
     (waiter,) = resumes.got
@@ -166,13 +192,25 @@ def test_a_request_parks_only_when_it_would_wait():
     assert sum(cluster.queue.buckets) == 1
 
 
+def test_a_request_behind_waiters_does_not_take_a_free_slot():
+    cluster, (backend, other) = capped(2)
+    assert cluster.take(backend) and cluster.take(other)
+    resumes = Resumes()
+    assert park(cluster, resumes)
+    cluster.release(other)
+    # Handed to the first in the queue, the slot cannot be overtaken.
+    assert park(cluster, resumes)
+    assert [cluster.queue.outcome(w) for w in resumes.got] == [(other, None)]
+    assert cluster.queue.depth == 1
+
+
 def test_parked_and_waiting_requests_are_served_in_arrival_order():
     cluster, (backend,) = capped()
     assert cluster.take(backend)
     resumes = Resumes()
-    assert cluster.queue.park(cluster, resumes)
+    assert park(cluster, resumes)
     thread, got = waiting(cluster)
-    assert cluster.queue.park(cluster, resumes)
+    assert park(cluster, resumes)
     cluster.release(backend)
     assert len(resumes.got) == 1 and not got
     cluster.release(backend)
@@ -183,17 +221,21 @@ def test_parked_and_waiting_requests_are_served_in_arrival_order():
     assert [cluster.queue.outcome(w) for w in resumes.got] == [(backend, None)] * 2
 
 
-def test_a_parked_request_is_not_kept_when_the_queue_cannot_take_it():
+def test_a_request_the_queue_cannot_take_is_refused_without_a_wait():
     cluster, (backend,) = capped(size=1)
     assert cluster.take(backend)
     resumes = Resumes()
-    assert cluster.queue.park(cluster, resumes)
-    assert not cluster.queue.park(cluster, resumes), "full: its thread says 503"
+    assert park(cluster, resumes)
+    assert park(cluster, resumes)
+    assert [cluster.queue.outcome(w) for w in resumes.got] == [(None, FULL)]
+    assert (cluster.queue.depth, cluster.queue.rejected) == (1, 1)
     cluster.set_state(backend, DOWN, "test")
-    assert resumes.got and cluster.queue.outcome(resumes.got[0]) == (None, GONE)
-    assert not cluster.queue.park(cluster, resumes), "no instance: no wait"
+    assert cluster.queue.outcome(resumes.got[1]) == (None, GONE)
+    assert not park(cluster, resumes), "no instance: its thread refuses it"
+    cluster.set_state(backend, UP, "test")
     cluster.queue.close()
-    assert not cluster.queue.park(cluster, resumes)
+    assert park(cluster, resumes)
+    assert cluster.queue.outcome(resumes.got[-1]) == (None, CLOSED)
 
 
 def test_a_parked_wait_ends_at_the_timeout_without_a_thread_of_its_own():
@@ -201,7 +243,7 @@ def test_a_parked_wait_ends_at_the_timeout_without_a_thread_of_its_own():
     assert cluster.take(backend)
     resumes = Resumes()
     started = time.monotonic()
-    assert cluster.queue.park(cluster, resumes)
+    assert park(cluster, resumes)
     wait_until(lambda: resumes.got, 2)
     assert 0.3 <= time.monotonic() - started < 0.6
     assert cluster.queue.outcome(resumes.got[0]) == (None, TIMEOUT)
@@ -210,7 +252,7 @@ def test_a_parked_wait_ends_at_the_timeout_without_a_thread_of_its_own():
     # The timer sleeps with nothing to time, and wakes for the next one.
     time.sleep(0.2)
     started = time.monotonic()
-    assert cluster.queue.park(cluster, resumes)
+    assert park(cluster, resumes)
     wait_until(lambda: len(resumes.got) == 2, 2)
     assert 0.3 <= time.monotonic() - started < 0.6
 
@@ -219,7 +261,7 @@ def test_a_stopping_dispatcher_resumes_its_parked_requests():
     cluster, (backend,) = capped()
     assert cluster.take(backend)
     resumes = Resumes()
-    assert cluster.queue.park(cluster, resumes)
+    assert park(cluster, resumes)
     cluster.queue.close()
     assert [cluster.queue.outcome(w) for w in resumes.got] == [(None, CLOSED)]
 
@@ -228,7 +270,7 @@ def test_a_parked_request_takes_an_instance_that_comes_up():
     cluster, (busy,) = capped()
     assert cluster.take(busy)
     resumes = Resumes()
-    assert cluster.queue.park(cluster, resumes)
+    assert park(cluster, resumes)
     fresh = Backend("http://127.0.0.1:9100", name="fresh", max_in_flight=1)
     cluster.add(fresh)
     assert [cluster.queue.outcome(w) for w in resumes.got] == [(fresh, None)]
@@ -570,7 +612,7 @@ def parked_with_a_slot(cluster, backend):
     for each in cluster.backends:
         assert cluster.take(each)
     resumes = Resumes()
-    assert cluster.queue.park(cluster, resumes)
+    assert park(cluster, resumes)
     cluster.release(backend)
     (waiter,) = resumes.got
     assert waiter.backend is backend
