@@ -1,5 +1,5 @@
 """Life-cycle operations, one at a time (in process; the real ones are in
-test_supervisor.py)."""
+test_supervisor.py and test_supervisor_replacement.py)."""
 
 import logging
 import threading

@@ -1,6 +1,7 @@
 """``pyramid-lb serve`` itself: where it says it listens, and what it logs (the
-dispatcher's behaviour is in test_supervisor.py, the checks of its server
-section in tests/test_process.py)."""
+dispatcher's behaviour is in test_supervisor.py and
+test_supervisor_replacement.py, the checks of its server section in
+tests/test_process.py)."""
 
 import re
 
