@@ -167,6 +167,7 @@ class StrictTask(HeadWithBody, WSGITask):
         parked = getattr(self.request, "parked", None)
         if parked is not None:
             environ[PARKED] = parked
+            self.request.parked = None  # the app has it now
         return environ
 
 
@@ -186,13 +187,15 @@ class StrictChannel(HTTPChannel):
         requests = self.requests
         if not requests:
             return
-        if not self.connected:
-            _abandon(getattr(requests[0], "parked", None))
+        request = requests[0]
         serving.channel = self  # whom the worker's wake-ups are about
         try:
             super().service()
         finally:
             serving.channel = None
+            # Still here when waitress ran no task (its client left, even
+            # while this began): what the token holds goes back.
+            _abandon(getattr(request, "parked", None))
 
     def add_channel(self, map=None) -> None:
         super().add_channel(map)
@@ -389,7 +392,9 @@ def create_server(app, options: dict[str, Any], own_paths: tuple[str, ...] = ())
         log.warning(
             "threads = %d in the server section, fewer than the %d the "
             "dispatcher needs (its instances' caps plus its queue): requests "
-            "beyond %d wait inside waitress, unseen, without the queue's timeout",
+            "beyond %d wait inside waitress, unseen, without the queue's "
+            "timeout, and a retry waiting for a slot can hold up the requests "
+            "that have theirs until queue_timeout",
             server.adj.threads,
             needed,
             server.adj.threads,

@@ -748,6 +748,45 @@ def test_a_parked_request_of_a_closed_connection_is_abandoned(serve):
     channel.service()
 
 
+def test_a_parked_request_whose_client_leaves_as_its_thread_starts_is_abandoned(
+    serve,
+):
+    """The main loop may close the connection between the server's look at
+    ``connected`` and waitress's own, which then runs no task: the token is
+    told all the same."""
+    app = Parking()
+    server = serve(app, {"threads": 1})
+    (port,) = ports_of(server)
+    serve.connect(port).send(b"/park")
+    wait_until(lambda: app.parked, 2)
+    (channel,) = [c for c in front._map(server).values() if isinstance(c, HTTPChannel)]
+    token = Token()
+    channel.requests[0].parked = token
+
+    class ClosedAsItStarts(channel.task_class):
+        def __init__(self, channel, request):
+            super().__init__(channel, request)
+            channel.connected = False  # as handle_close, on the main thread
+
+    channel.task_class = ClosedAsItStarts
+    channel.service()
+    assert token.abandoned == 1, "the slot it holds leaked"
+
+
+def test_a_token_the_app_was_given_is_the_apps(serve):
+    """Once in the environ, what the token holds is the app's to use or
+    give back: the server does not abandon it after the answer."""
+    app = Parking()
+    (port,) = ports_of(serve(app, {"threads": 1}))
+    client = serve.connect(port)
+    client.send(b"/park")
+    wait_until(lambda: app.parked, 2)
+    token = Token()
+    app.parked[0](token)
+    assert client.answer().startswith(b"/park ")
+    assert token.abandoned == 0
+
+
 def test_sigterm_finishes_a_download_in_flight(processes):
     """SIGTERM in the middle of a 20 MB download to a slow client: all of it
     arrives, new connections are refused, and the dispatcher exits."""

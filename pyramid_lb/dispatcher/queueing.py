@@ -174,10 +174,10 @@ class RequestQueue:
         waiter = Waiter(None, (), resume)
         waiter.cluster = cluster
         with self._lock:
-            if self.closed:
-                waiter.refused = CLOSED
-            elif not self._waiters and self._take_now(cluster, choose, waiter):
+            if not self._waiters and self._take_now(cluster, choose, waiter):
                 pass  # not queued: neither counted nor timed as a wait
+            elif self.closed:  # a stop refuses only what would wait
+                waiter.refused = CLOSED
             elif len(self._waiters) >= self.size:
                 self.rejected += 1
                 waiter.refused = FULL

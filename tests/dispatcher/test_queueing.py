@@ -238,6 +238,18 @@ def test_a_request_the_queue_cannot_take_is_refused_without_a_wait():
     assert cluster.queue.outcome(resumes.got[-1]) == (None, CLOSED)
 
 
+def test_a_stopping_dispatcher_still_sends_a_request_an_instance_has_room_for():
+    """A stop refuses only what would wait (a pipelined request, a body that
+    ends in the grace time still go out), capped or not."""
+    cluster, (backend,) = capped(cap=2)
+    cluster.queue.close()
+    resumes = Resumes()
+    assert park(cluster, resumes) and park(cluster, resumes)
+    assert park(cluster, resumes)
+    outcomes = [cluster.queue.outcome(w) for w in resumes.got]
+    assert outcomes == [(backend, None), (backend, None), (None, CLOSED)]
+
+
 def test_a_parked_wait_ends_at_the_timeout_without_a_thread_of_its_own():
     cluster, (backend,) = capped(timeout=0.3)
     assert cluster.take(backend)
