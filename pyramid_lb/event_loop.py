@@ -38,8 +38,19 @@ from collections import deque
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 
-#: The thread's connection being served, for :meth:`EpollLoop.wake`.
-serving = threading.local()
+
+class Serving(threading.local):
+    """What a server thread is doing (each thread sees its own)."""
+
+    #: The connection it serves, for :meth:`EpollLoop.wake`.
+    channel = None
+    #: Whether it is ending an answer's exchange (see ``server.end_here``).
+    ending = False
+    #: The parked connection it runs once its own is served.
+    next = None
+
+
+serving = Serving()
 
 if hasattr(select, "epoll"):
     READ = select.EPOLLIN | select.EPOLLPRI
@@ -216,7 +227,7 @@ class EpollLoop:
         an answer, when bytes are left for the loop to send, when the
         connection is to be closed.
         """
-        channel = getattr(serving, "channel", None)
+        channel = serving.channel
         if channel is None:
             self.rescan_asked = True  # by someone else: look at everything
         elif (

@@ -787,6 +787,52 @@ def test_a_token_the_app_was_given_is_the_apps(serve):
     assert token.abandoned == 0
 
 
+class Handing(Parking):
+    """Parks the first request; ``/end`` resumes the first parked request from inside
+    ``end_here``, as the dispatcher does when an exchange frees a slot, or
+    from outside it with ``/end-elsewhere``. Records each path's thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads = {}
+        self.served = threading.Event()
+
+    def park(self, resume):
+        return not self.parked and super().park(resume)  # the first only
+
+    def __call__(self, environ, start_response):
+        path = environ["PATH_INFO"]
+        self.threads[path] = threading.current_thread()
+        if path == "/end":
+            front.end_here(lambda: self.parked[0]("slot"))
+        elif path == "/end-elsewhere":
+            self.parked[0]("slot")
+            self.served.wait(2)  # by another thread, while this one is busy
+        elif path == "/park":
+            self.served.set()
+        return super().__call__(environ, start_response)
+
+
+@pytest.mark.parametrize(
+    "path, same_thread", [("/end", True), ("/end-elsewhere", False)]
+)
+def test_a_slot_freed_at_an_answers_end_runs_its_parked_request_on_that_thread(
+    serve, path, same_thread
+):
+    """No other thread is woken for it: the one freeing the slot runs it
+    once its own answer is out. Resumed any other way, another thread does."""
+    app = Handing()
+    (port,) = ports_of(serve(app, {"threads": 4}))
+    parked = serve.connect(port)
+    parked.send(b"/park")
+    wait_until(lambda: app.parked, 2)
+    ending = serve.connect(port)
+    ending.send(path.encode())
+    assert ending.answer() == path.encode()
+    assert parked.answer() == b"/park slot"
+    assert (app.threads["/park"] is app.threads[path]) is same_thread
+
+
 def test_sigterm_finishes_a_download_in_flight(processes):
     """SIGTERM in the middle of a 20 MB download to a slow client: all of it
     arrives, new connections are refused, and the dispatcher exits."""

@@ -42,7 +42,7 @@ from pyramid_lb.dispatcher.upstream import (
     exchange,
     may_resend,
 )
-from pyramid_lb.server import PARKED
+from pyramid_lb.server import PARKED, end_here
 
 log = logging.getLogger("pyramid_lb.dispatcher")
 
@@ -613,7 +613,7 @@ class Task:
             attempt.keep()
             return Streamed(self, attempt, response)
         response.release()
-        attempt.end()
+        end_here(attempt.end)  # waitress only has the body left to queue
         self.log(status, len(whole), backend)
         return [whole] if whole else []
 
@@ -706,5 +706,5 @@ class Streamed:
         if self.attempt.ended:
             return
         self.response.release()
-        self.attempt.end()
+        end_here(self.attempt.end)  # called once the body is out
         self.task.log(self.status, self.size, self.attempt.backend)
