@@ -115,6 +115,21 @@ backend uncapped
     server b 127.0.0.1:{b}
 """
 
+# production.ini's demo, on waitress with room for the idle keep-alive
+# connections every front here keeps to it: at waitress's default
+# connection_limit (100) the instance stops accepting in the middle of the
+# run, and the fronts measured then wait for it (the direct one gets 0 req/s).
+INSTANCE_INI = """
+[app:main]
+use = config:{production}#main
+
+[server:main]
+use = egg:waitress#main
+listen = 127.0.0.1:{port}
+clear_untrusted_proxy_headers = false
+connection_limit = 2000
+"""
+
 DISPATCHER_INI = """
 [app:dispatcher]
 use = egg:pyramid_lb#dispatcher
@@ -329,7 +344,11 @@ def main() -> int:
     try:
         a, b = free_port(), free_port()
         for port in (a, b):
-            start([BIN / "pserve", ROOT / "production.ini", f"http_port={port}"], port)
+            ini = tmp / f"instance-{port}.ini"
+            ini.write_text(
+                INSTANCE_INI.format(production=ROOT / "production.ini", port=port)
+            )
+            start([BIN / "pserve", ini], port)
         upstreams = [f"http://127.0.0.1:{port}" for port in (a, b)]
         # target: (port, session of the proxy's processes; None: no proxy)
         targets: dict[str, tuple[int, int | None]] = {"direct": (a, None)}
