@@ -725,15 +725,22 @@ class Token:
         self.abandoned += 1
 
 
-def test_a_parked_request_of_a_closed_connection_is_abandoned(serve):
-    """Waitress runs no task for a connection closed meanwhile: the token
-    is told, so that what it holds (the dispatcher's slot) is not lost."""
+def parked_connection(serve):
+    """A server whose one connection has a request parked: its app, and the
+    connection."""
     app = Parking()
     server = serve(app, {"threads": 1})
     (port,) = ports_of(server)
     serve.connect(port).send(b"/park")
     wait_until(lambda: app.parked, 2)
     (channel,) = [c for c in front._map(server).values() if isinstance(c, HTTPChannel)]
+    return app, channel
+
+
+def test_a_parked_request_of_a_closed_connection_is_abandoned(serve):
+    """Waitress runs no task for a connection closed meanwhile: the token
+    is told, so that what it holds (the dispatcher's slot) is not lost."""
+    app, channel = parked_connection(serve)
     channel.handle_close()  # as when its client leaves
     token = Token()
     app.parked[0](token)
@@ -754,12 +761,7 @@ def test_a_parked_request_whose_client_leaves_as_its_thread_starts_is_abandoned(
     """The main loop may close the connection between the server's look at
     ``connected`` and waitress's own, which then runs no task: the token is
     told all the same."""
-    app = Parking()
-    server = serve(app, {"threads": 1})
-    (port,) = ports_of(server)
-    serve.connect(port).send(b"/park")
-    wait_until(lambda: app.parked, 2)
-    (channel,) = [c for c in front._map(server).values() if isinstance(c, HTTPChannel)]
+    app, channel = parked_connection(serve)
     token = Token()
     channel.requests[0].parked = token
 
